@@ -1,0 +1,155 @@
+"""Frozen configs with Hugging Face field names, and their strict `config.json` reader.
+
+Every field of a `config.json` is either **handled** (it becomes a config field), on a
+documented **ignore list** (it cannot change the forward computation: bookkeeping,
+dropout rates, fused-kernel switches of the original training code), or refused with a
+`ConfigError` that names it. Ignored fields are kept verbatim in `extra` so that
+`save_pretrained` writes them back unchanged.
+"""
+
+import dataclasses
+import json
+from typing import Any, ClassVar
+
+from ..nn import RopeScaling
+
+
+class ConfigError(ValueError):
+    """A `config.json` field that eqxlm does not support (the message names it)."""
+
+
+# Fields every transformers config may carry that never change the forward pass.
+COMMON_IGNORED = frozenset(
+    {
+        "_name_or_path",
+        "architectures",
+        "dtype",
+        "torch_dtype",
+        "transformers_version",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "id2label",
+        "label2id",
+        "problem_type",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
+        "attention_dropout",
+        "hidden_dropout",
+        "use_return_dict",
+        "tokenizer_class",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+    }
+)
+
+
+def _eos_tuple(value) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BaseConfig:
+    """What every architecture's config shares: vocabulary, special ids, initialisation,
+    tying, and the verbatim `extra` fields. Subclasses list their own fields."""
+
+    model_type: ClassVar[str]
+    architecture: ClassVar[str]
+    #: HF name -> dataclass field, for the fields this architecture handles.
+    hf_fields: ClassVar[dict[str, str]]
+    #: Fields on top of COMMON_IGNORED that this architecture's transformers class ignores.
+    ignored_fields: ClassVar[frozenset[str]] = frozenset()
+
+    vocab_size: int
+    hidden_size: int
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 1
+    eos_token_id: tuple[int, ...] | None = (2,)  # a tuple: HF allows a list
+    pad_token_id: int | None = None
+    #: Ignored-but-kept `config.json` fields, as (name, JSON text) pairs.
+    extra: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        if isinstance(self.eos_token_id, (int, list)):
+            object.__setattr__(self, "eos_token_id", _eos_tuple(self.eos_token_id))
+
+    # -- reading -----------------------------------------------------------------------
+    @classmethod
+    def _normalise(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        """Architecture hook: rewrite aliases / nested fields before the whitelist check."""
+        return dict(raw)
+
+    @classmethod
+    def from_hf(cls, raw: dict[str, Any]):
+        """Read a `config.json` dict. Raises `ConfigError` naming any unsupported field."""
+        raw = cls._normalise(raw)
+        model_type = raw.pop("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ConfigError(f"model_type: expected {cls.model_type!r}, got {model_type!r}.")
+        kwargs, extra, unknown = {}, [], []
+        for name, value in raw.items():
+            if name in cls.hf_fields:
+                kwargs[cls.hf_fields[name]] = value
+            elif name in COMMON_IGNORED or name in cls.ignored_fields:
+                extra.append((name, json.dumps(value, sort_keys=True)))
+            else:
+                unknown.append(name)
+        if unknown:
+            raise ConfigError(
+                f"unsupported config field(s) for {cls.model_type}: {', '.join(sorted(unknown))}. "
+                "eqxlm refuses fields it does not implement rather than silently computing "
+                "something else."
+            )
+        if "eos_token_id" in kwargs:
+            kwargs["eos_token_id"] = _eos_tuple(kwargs["eos_token_id"])
+        return cls(**kwargs, extra=tuple(sorted(extra)))
+
+    # -- writing -----------------------------------------------------------------------
+    def to_hf(self) -> dict[str, Any]:
+        """The `config.json` dict (HF names; ignored fields written back verbatim)."""
+        out: dict[str, Any] = {name: json.loads(text) for name, text in self.extra}
+        for hf_name, field in self.hf_fields.items():
+            out[hf_name] = getattr(self, field)
+        eos = out.get("eos_token_id")
+        if eos is not None:
+            out["eos_token_id"] = eos[0] if len(eos) == 1 else list(eos)
+        out["model_type"] = self.model_type
+        out["architectures"] = [self.architecture]
+        return out
+
+
+def rope_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
+    """Fold transformers 4's `rope_theta` + `rope_scaling` and transformers 5's
+    `rope_parameters` into `rope_theta` and a `RopeScaling` (or None)."""
+    raw = dict(raw)
+    params = raw.pop("rope_parameters", None) or {}
+    scaling = raw.pop("rope_scaling", None) or {}
+    merged = {**scaling, **params}
+    theta = merged.pop("rope_theta", raw.get("rope_theta", 10000.0))
+    raw["rope_theta"] = float(theta)
+    rope_type = merged.pop("rope_type", merged.pop("type", "default"))
+    if rope_type == "default" and not {k for k in merged if k != "partial_rotary_factor"}:
+        merged.pop("partial_rotary_factor", None)
+        raw["rope_scaling"] = None
+    else:
+        known = {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type"}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise ConfigError(f"rope_scaling: unsupported field(s) {', '.join(unknown)} for rope_type {rope_type!r}.")
+        try:
+            raw["rope_scaling"] = RopeScaling(rope_type=rope_type, **merged)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return raw
+
+
+def rope_to_hf(theta: float, scaling: RopeScaling | None) -> dict[str, Any]:
+    """The transformers 5 `rope_parameters` dict."""
+    out: dict[str, Any] = {"rope_theta": theta, "rope_type": "default"}
+    if scaling is not None:
+        out.update({k: v for k, v in dataclasses.asdict(scaling).items() if v is not None})
+    return out
