@@ -71,9 +71,7 @@ def resolve(path_or_repo_id: str | os.PathLike, *, revision: str | None = None) 
     except HFValidationError:
         raise FileNotFoundError(f"{name}: no such folder, and not a valid hub repo id.") from None
     except Exception as e:  # offline, not cached, network error, gated repo...
-        raise FileNotFoundError(
-            f"{name}: no such folder, and the hub could not provide it ({type(e).__name__}: {e})."
-        ) from None
+        raise FileNotFoundError(f"{name}: no such folder, and the hub could not provide it ({type(e).__name__}: {e}).") from None
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
@@ -184,9 +182,7 @@ def from_pretrained(
     generation_config = _load_generation_config(folder, config)
     files = _tensor_files(folder)
     model_cls = ARCHITECTURES[config.model_type][1]
-    skeleton = eqx.filter_eval_shape(
-        lambda: model_cls(config, key=jax.random.key(0), generation_config=generation_config)
-    )
+    skeleton = eqx.filter_eval_shape(lambda: model_cls(config, key=jax.random.key(0), generation_config=generation_config))
     dtype = _dtype(dtype)
 
     leaves, treedef = jax.tree_util.tree_flatten_with_path(skeleton)
@@ -234,9 +230,7 @@ def from_pretrained(
     if misshapen:
         problems.append(f"misshapen tensors: {'; '.join(sorted(misshapen))}")
     if problems:
-        raise CheckpointError(
-            f"{folder} does not match its config.json ({config.model_type}):\n  " + "\n  ".join(problems)
-        )
+        raise CheckpointError(f"{folder} does not match its config.json ({config.model_type}):\n  " + "\n  ".join(problems))
     return jax.tree_util.tree_unflatten(treedef, values)
 
 

@@ -74,9 +74,7 @@ def resolve_positions(
 def embed(embedding: eqx.nn.Embedding, input_ids: Int[Array, " seq"]) -> Float[Array, "seq hidden"]:
     """Look up token embeddings; an id outside the vocabulary is an error (never clamped)."""
     vocab = embedding.weight.shape[0]
-    input_ids = eqx.error_if(
-        input_ids, jnp.any((input_ids < 0) | (input_ids >= vocab)), f"token id out of range [0, {vocab})"
-    )
+    input_ids = eqx.error_if(input_ids, jnp.any((input_ids < 0) | (input_ids >= vocab)), f"token id out of range [0, {vocab})")
     return embedding.weight[input_ids]
 
 
@@ -147,7 +145,7 @@ def init_weights(module, std: float, key: PRNGKeyArray):
     found = nodes(module)
     keys = jax.random.split(key, len(found))
     weights = [
-        (std * jax.random.normal(k, n.weight.shape, jnp.float32)).astype(n.weight.dtype) for k, n in zip(keys, found)
+        (std * jax.random.normal(k, n.weight.shape, jnp.float32)).astype(n.weight.dtype) for k, n in zip(keys, found, strict=True)
     ]
     module = eqx.tree_at(lambda m: [n.weight for n in nodes(m)], module, weights)
     biased = lambda m: [n.bias for n in nodes(m) if isinstance(n, eqx.nn.Linear) and n.bias is not None]  # noqa: E731

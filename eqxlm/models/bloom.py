@@ -181,11 +181,7 @@ class BloomForCausalLM(eqx.Module):
         """Random initialisation from `config`, as transformers initialises."""
         k_model, k_head, k_init = jax.random.split(key, 3)
         transformer = BloomModel(config, key=k_model, dtype=dtype)
-        lm_head = (
-            None
-            if config.tie_word_embeddings
-            else make_linear(config.hidden_size, config.vocab_size, False, dtype, k_head)
-        )
+        lm_head = None if config.tie_word_embeddings else make_linear(config.hidden_size, config.vocab_size, False, dtype, k_head)
         self.transformer, self.lm_head = init_weights((transformer, lm_head), config.initializer_range, k_init)
         self.config = config
         self.generation_config = generation_config

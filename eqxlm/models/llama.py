@@ -95,9 +95,7 @@ class LlamaConfig(BaseConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.hidden_act not in ACTIVATIONS:
-            raise ConfigError(
-                f"hidden_act: {self.hidden_act!r} is not supported (supported: {', '.join(ACTIVATIONS)})."
-            )
+            raise ConfigError(f"hidden_act: {self.hidden_act!r} is not supported (supported: {', '.join(ACTIVATIONS)}).")
         if self.num_attention_heads % self.kv_heads:
             raise ConfigError(
                 f"num_key_value_heads ({self.kv_heads}) must divide num_attention_heads ({self.num_attention_heads})."
@@ -223,9 +221,7 @@ class LlamaForCausalLM(eqx.Module):
         k_model, k_head, k_init = jax.random.split(key, 3)
         self.model = self.base_model_class(config, key=k_model, dtype=dtype)
         self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else make_linear(config.hidden_size, config.vocab_size, False, dtype, k_head)
+            None if config.tie_word_embeddings else make_linear(config.hidden_size, config.vocab_size, False, dtype, k_head)
         )
         self.config = config
         self.generation_config = generation_config

@@ -19,7 +19,7 @@ def dot_product_attention(
     key: Float[Array, "kv_seq kv_heads head_dim"],
     value: Float[Array, "kv_seq kv_heads head_dim"],
     mask: Bool[Array, "#seq kv_seq"] | None = None,
-    bias: Float[Array, "heads #seq kv_seq"] | None = None,
+    bias: Float[Array, " heads #seq kv_seq"] | None = None,
     scale: float | None = None,
 ) -> tuple[Float[Array, "seq heads head_dim"], Float[Array, "heads seq kv_seq"]]:
     r"""Scaled dot-product attention with grouped queries.
@@ -216,9 +216,7 @@ class BloomAttention(eqx.Module):
         """**Arguments:** `hidden_size`; `num_heads`; `alibi` (default: ALiBi for
         `num_heads`); `rotary`; `sliding_window`; `dtype`; `key`."""
         if hidden_size % num_heads:
-            raise ValueError(
-                f"BloomAttention: hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})."
-            )
+            raise ValueError(f"BloomAttention: hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}).")
         k1, k2 = jax.random.split(key)
         self.query_key_value = make_linear(hidden_size, 3 * hidden_size, True, dtype, k1)
         self.dense = make_linear(hidden_size, hidden_size, True, dtype, k2)

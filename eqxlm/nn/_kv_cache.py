@@ -36,9 +36,7 @@ class KVCache(eqx.Module):
     rolling: bool = eqx.field(static=True)
 
     @classmethod
-    def init(
-        cls, size: int, num_kv_heads: int, head_dim: int, *, dtype=jnp.float32, rolling: bool = False
-    ) -> "KVCache":
+    def init(cls, size: int, num_kv_heads: int, head_dim: int, *, dtype=jnp.float32, rolling: bool = False) -> "KVCache":
         """An empty cache of `size` entries."""
         return cls(
             keys=jnp.zeros((size, num_kv_heads, head_dim), dtype),

@@ -38,9 +38,7 @@ class RopeScaling:
             )
         if self.rope_type == "llama3":
             missing = [
-                f
-                for f in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-                if getattr(self, f) is None
+                f for f in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if getattr(self, f) is None
             ]
             if missing:
                 raise ValueError(f"rope_scaling: rope_type 'llama3' needs {', '.join(missing)}.")
@@ -100,9 +98,7 @@ class RotaryEmbedding(eqx.Module):
             raise ValueError(f"RotaryEmbedding: head_dim must be even, got {self.head_dim}.")
 
     @typecheck
-    def cos_sin(
-        self, positions: Int[Array, " seq"]
-    ) -> tuple[Float[Array, "seq head_dim"], Float[Array, "seq head_dim"]]:
+    def cos_sin(self, positions: Int[Array, " seq"]) -> tuple[Float[Array, "seq head_dim"], Float[Array, "seq head_dim"]]:
         """The float32 cosine and sine tables for `positions` (each `seq x head_dim`)."""
         inv_freq = jnp.asarray(rope_inverse_frequencies(self.head_dim, self.theta, self.scaling))
         freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
