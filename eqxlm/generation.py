@@ -1,0 +1,215 @@
+"""Batched, KV-cached generation: greedy and sampled, one compiled loop.
+
+`generate` left-pads the prompts to a length bucket, prefills a preallocated cache for
+the whole batch in one call, then runs every decode step inside one `lax.while_loop`
+(static shapes, so it compiles once per bucket). Sampling follows transformers'
+`generate`: temperature, then top-k, then top-p, then a categorical draw.
+
+**What triggers a compile** (and what does not): a new batch size, prompt-length bucket
+(`bucket_length`: powers of two from 16), `max_new_tokens` bucket (the same buckets),
+number of EOS ids, `do_sample`, `streamer`, or model structure/dtype. A new prompt of the
+same bucket, a new `temperature`, `top_k`, `top_p`, `key` or `max_new_tokens` inside its
+bucket reuses the compiled loop.
+"""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from ._typing import typecheck
+from .models import CausalLM
+
+MIN_BUCKET = 16
+
+
+def bucket_length(n: int) -> int:
+    """The padded length used for `n`: the next power of two, at least 16."""
+    return max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
+
+
+@typecheck
+def process_logits(
+    logits: Float[Array, " vocab"],
+    temperature: Float[Array, ""] | float = 1.0,
+    top_k: Int[Array, ""] | int = 0,
+    top_p: Float[Array, ""] | float = 1.0,
+) -> Float[Array, " vocab"]:
+    """transformers' sampling warpers, in its order, for one row of logits (float32).
+
+    - temperature: `logits / temperature`;
+    - top-k (`0` = off): remove every logit below the k-th largest (ties kept);
+    - top-p (`1.0` = off): sort ascending, remove the tokens whose cumulative probability
+      is `<= 1 - top_p`, always keeping the most likely one.
+
+    Removed entries become `-inf`. All three arguments may be traced values.
+    """
+    logits = logits.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
+    vocab = logits.shape[0]
+    ascending = jnp.sort(logits)
+    top_k = jnp.asarray(top_k, jnp.int32)
+    kth = jnp.where(top_k > 0, ascending[jnp.clip(vocab - top_k, 0, vocab - 1)], -jnp.inf)
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+    order = jnp.argsort(logits)
+    cumulative = jnp.cumsum(jax.nn.softmax(logits[order]))
+    remove_sorted = (cumulative <= 1.0 - jnp.asarray(top_p, jnp.float32)).at[-1].set(False)
+    remove = jnp.zeros(vocab, bool).at[order].set(remove_sorted)
+    return jnp.where(remove, -jnp.inf, logits)
+
+
+def _select(logits, key, do_sample, temperature, top_k, top_p):
+    """Next token of every row: argmax, or a draw from the processed distribution."""
+    if not do_sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    processed = jax.vmap(process_logits, in_axes=(0, None, None, None))(logits, temperature, top_k, top_p)
+    return jax.random.categorical(key, processed, axis=-1).astype(jnp.int32)
+
+
+@eqx.filter_jit
+def _generate(
+    model,
+    input_ids,
+    attention_mask,
+    key,
+    temperature,
+    top_k,
+    top_p,
+    eos,
+    pad,
+    max_new_tokens,
+    *,
+    buffer: int,
+    do_sample: bool,
+    streamer: Callable | None,
+):
+    batch, prompt = input_ids.shape
+    base = model.base_model
+    cache = model.init_cache(prompt + buffer)
+    cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch,) + x.shape), cache)
+
+    def emit(tokens):
+        if streamer is not None:
+            io_callback(lambda t: streamer(np.asarray(t)), None, tokens, ordered=True)
+
+    def step_logits(ids, mask, cache):
+        out = jax.vmap(lambda i, m, c: base(i, m, cache=c))(ids, mask, cache)
+        logits = jax.vmap(lambda h: model.logits(h[-1:])[0])(out.last_hidden_state)
+        return logits, out.cache
+
+    logits, cache = step_logits(input_ids, attention_mask, cache)
+    key, sub = jax.random.split(key)
+    token = _select(logits, sub, do_sample, temperature, top_k, top_p)
+    done = jnp.isin(token, eos)
+    tokens = jnp.full((batch, buffer), pad, jnp.int32).at[:, 0].set(token)
+    emit(token)
+
+    def cond(carry):
+        i, _, _, _, done, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, tokens, cache, token, done, key = carry
+        ones = jnp.ones((batch, 1), bool)
+        logits, cache = step_logits(token[:, None], ones, cache)
+        key, sub = jax.random.split(key)
+        token = jnp.where(done, pad, _select(logits, sub, do_sample, temperature, top_k, top_p))
+        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, i))
+        emit(token)
+        return i + 1, tokens, cache, token, done | jnp.isin(token, eos), key
+
+    carry = (jnp.ones((), jnp.int32), tokens, cache, token, done, key)
+    _, tokens, *_ = jax.lax.while_loop(cond, body, carry)
+    return tokens
+
+
+@typecheck
+def generate(
+    model: CausalLM,
+    input_ids: Int[Array, "batch seq"] | Int[np.ndarray, "batch seq"],
+    attention_mask: Int[Array, "batch seq"] | Bool[Array, "batch seq"] | Int[np.ndarray, "batch seq"] | None = None,
+    *,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | tuple[int, ...] | None = None,
+    pad_token_id: int | None = None,
+    key: PRNGKeyArray | None = None,
+    streamer: Callable[[np.ndarray], None] | None = None,
+) -> Int[Array, "batch total"]:
+    """Generate continuations of a batch of prompts, as transformers' `generate`.
+
+    **Arguments:**
+    - `model`: a causal LM (`from_pretrained` or a constructor).
+    - `input_ids`: prompts, ragged ones **left**-padded; `attention_mask` 1 = real token
+      (default: all real).
+    - `max_new_tokens`: tokens to add to every row.
+    - `do_sample`: greedy (`False`) or sampling with `temperature` (> 0), `top_k`
+      (None = off) and `top_p` (None = off), drawn with `key` (required when sampling;
+      the same key gives the same tokens).
+    - `eos_token_id`: one id or several; default the checkpoint's generation config
+      (`[]` disables stopping). A row that emits one is finished and holds
+      `pad_token_id` (default: the config's pad id, else the first EOS id, else 0)
+      afterwards; the loop ends early once every row is finished.
+    - `streamer`: called with each step's new tokens (a numpy `(batch,)` array) as they
+      are produced.
+
+    **Returns:** `batch x (seq + max_new_tokens)`: the prompts as given, then the new tokens.
+
+    Raises `ValueError` before compiling anything when the request cannot fit the model
+    (`seq + max_new_tokens > max_position_embeddings`) or a setting is invalid.
+    """
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    batch, seq = input_ids.shape
+    mask = jnp.ones((batch, seq), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seq + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt length ({seq}) + max_new_tokens ({max_new_tokens}) = {seq + max_new_tokens} exceeds the "
+            f"model's max_position_embeddings ({limit})."
+        )
+    if do_sample:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (use do_sample=False for greedy).")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}.")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}.")
+        if key is None:
+            raise ValueError("sampling needs a key: generate(..., do_sample=True, key=jax.random.key(seed)).")
+    key = jax.random.key(0) if key is None else key
+    generation = model.generation_config
+    if eos_token_id is None:
+        eos_token_id = (generation.eos_token_id if generation else None) or model.config.eos_token_id or ()
+    eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = (generation.pad_token_id if generation else None) or model.config.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else 0
+
+    prompt = bucket_length(seq)
+    padded_ids = jnp.pad(input_ids, ((0, 0), (prompt - seq, 0)), constant_values=pad_token_id)
+    padded_mask = jnp.pad(mask, ((0, 0), (prompt - seq, 0)))
+    new = _generate(
+        model,
+        padded_ids,
+        padded_mask,
+        key,
+        jnp.asarray(temperature, jnp.float32),
+        jnp.asarray(top_k or 0, jnp.int32),
+        jnp.asarray(1.0 if top_p is None else top_p, jnp.float32),
+        jnp.asarray(eos if eos else (-1,), jnp.int32),
+        jnp.asarray(pad_token_id, jnp.int32),
+        jnp.asarray(max_new_tokens, jnp.int32),
+        buffer=bucket_length(max_new_tokens),
+        do_sample=do_sample,
+        streamer=streamer,
+    )
+    return jnp.concatenate([input_ids, new[:, :max_new_tokens]], axis=1)
