@@ -1,7 +1,8 @@
 """eqxlm: language models (BLOOM, Mistral, Llama) as small, shape-checked Equinox parts.
 
 Layout: `eqxlm.nn` holds the parts, `eqxlm.models` the models composed of them,
-`eqxlm.checkpoint` Hugging Face import/export, `eqxlm.generation` the KV-cached decoder.
+`eqxlm.checkpoint` Hugging Face import/export, `eqxlm.generation` the KV-cached decoder,
+`eqxlm.training` training utilities, `eqxlm.cli` the command line.
 
 Shape vocabulary (used in every annotation; checked by beartype at call time, and at
 trace time under jit):
@@ -24,6 +25,8 @@ Switch the runtime checks off with `EQXLM_TYPECHECK=0` in the environment (see
 
 from . import models, nn
 from .checkpoint import CheckpointError, from_pretrained, parameter_count, save_pretrained, state_dict
+from .default import DEFAULT_MODEL, default_model_path
+from .generation import generate
 from .models import (
     BloomConfig,
     BloomForCausalLM,
@@ -59,7 +62,10 @@ __all__ = [
     "MistralForCausalLM",
     "MistralModel",
     "ModelOutput",
+    "DEFAULT_MODEL",
+    "default_model_path",
     "from_pretrained",
+    "generate",
     "models",
     "nn",
     "parameter_count",

@@ -20,6 +20,7 @@ import safetensors
 import safetensors.numpy
 from tqdm.auto import tqdm
 
+from .default import DEFAULT_MODEL, default_model_path
 from .models import ARCHITECTURES, CausalLM, GenerationConfig
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -55,8 +56,10 @@ def _dtype(dtype):
 
 # -- locating files -----------------------------------------------------------------------
 def resolve(path_or_repo_id: str | os.PathLike, *, revision: str | None = None) -> Path:
-    """A local folder as is; otherwise a hub repo id resolved through `huggingface_hub`
+    """`"eqxlm/default"` is the embedded default model; a local folder is used as is; otherwise a hub repo id resolved through `huggingface_hub`
     (its cache and `HF_HUB_OFFLINE=1` honoured), fetching only `HUB_PATTERNS`."""
+    if str(path_or_repo_id) == DEFAULT_MODEL:
+        return default_model_path()
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path

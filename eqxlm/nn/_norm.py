@@ -35,7 +35,8 @@ class RMSNorm(eqx.Module):
         promoted with the weight's (as in HF)."""
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32) + self.eps)
-        out_dtype = jnp.promote_types(self.weight.dtype, x.dtype)
+        with jax.numpy_dtype_promotion("standard"):  # torch's rule: bf16 x * f32 weight -> f32
+            out_dtype = jnp.promote_types(self.weight.dtype, x.dtype)
         return self.weight.astype(out_dtype) * x32.astype(x.dtype).astype(out_dtype)
 
 

@@ -1,0 +1,165 @@
+"""The `eqxlm` command line: `eqxlm generate` streams text from a checkpoint.
+
+    eqxlm generate --prompt "The return statement"           # the embedded default model
+    eqxlm generate path/or/org/repo --prompt "..." --temperature 0 --max-new-tokens 50
+    eqxlm info [MODEL]                                      # architecture, sizes, files
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import checkpoint
+from .default import DEFAULT_MODEL
+
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/backend_compile_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration")
+
+
+class _CompileTimer:
+    """Sums the trace, lowering and XLA compile durations that JAX reports."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, event: str, duration: float, **kwargs) -> None:
+        if event in _COMPILE_EVENTS:
+            self.seconds += duration
+
+
+def _fail(message: str) -> "int":
+    print(f"eqxlm: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _load_tokenizer(folder: Path):
+    from tokenizers import Tokenizer
+
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} has no tokenizer.json; `eqxlm generate` needs one to read and write text.")
+    return Tokenizer.from_file(str(path))
+
+
+def cmd_generate(args) -> int:
+    from .generation import generate
+
+    timer = _CompileTimer()
+    folder = checkpoint.resolve(args.model, revision=args.revision)
+    tokenizer = _load_tokenizer(folder)
+    model = checkpoint.from_pretrained(folder, dtype=args.dtype)
+    ids = tokenizer.encode(args.prompt).ids
+    bos = model.generation_config.bos_token_id if model.generation_config else None
+    if not args.no_bos and bos is not None and (not ids or ids[0] != bos):
+        ids = [bos, *ids]
+    if not ids:
+        return _fail("the prompt is empty and the model has no BOS token to start from.")
+
+    eos = set(model.generation_config.eos_token_id or ()) if model.generation_config else set()
+    produced: list[int] = []
+    printed = ""
+    times: list[float] = []
+
+    def stream(tokens: np.ndarray) -> None:
+        nonlocal printed
+        times.append(time.perf_counter())
+        token = int(tokens[0])
+        if produced and produced[-1] in eos:
+            return
+        produced.append(token)
+        text = tokenizer.decode([t for t in produced if t not in eos])
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    start = time.perf_counter()
+    generate(
+        model, jnp.asarray([ids], jnp.int32), max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0, temperature=args.temperature if args.temperature > 0 else 1.0,
+        top_k=args.top_k, top_p=args.top_p, key=jax.random.key(args.seed), streamer=stream,
+    ).block_until_ready()
+    end = time.perf_counter()
+    decode_rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else float("nan")
+    print()
+    mode = "greedy" if args.temperature <= 0 else f"T={args.temperature}, top_k={args.top_k}, top_p={args.top_p}, seed={args.seed}"
+    print(
+        f"[{len(produced)} tokens in {end - start:.2f} s ({mode}); decode {decode_rate:.1f} tokens/s; "
+        f"compile {timer.seconds:.2f} s; prompt {len(ids)} tokens]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_info(args) -> int:
+    folder = checkpoint.resolve(args.model, revision=args.revision)
+    model = checkpoint.from_pretrained(folder)
+    config = model.config
+    print(f"{type(model).__name__} from {folder}")
+    print(f"parameters: {checkpoint.parameter_count(model):,}")
+    for name, value in sorted(config.to_hf().items()):
+        print(f"  {name}: {value}")
+    print(f"tokenizer.json: {'yes' if (folder / 'tokenizer.json').exists() else 'no'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eqxlm",
+        description="eqxlm: language models as small, shape-checked Equinox parts.",
+        epilog="MODEL is a local Hugging Face folder or a hub repo id (honours HF_HUB_OFFLINE and the hub cache); "
+        f"omitted, it is the embedded default model ({DEFAULT_MODEL}).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser(
+        "generate", help="stream a continuation of a prompt",
+        description="Generate text from a prompt, streamed as it is produced, then a one-line summary on stderr "
+        "(tokens, decode tokens/s, compile seconds). Sampling by default; --temperature 0 is greedy.",
+    )
+    gen.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
+                     help=f"checkpoint folder or hub repo id (default: {DEFAULT_MODEL}, the embedded model)")
+    gen.add_argument("--prompt", "-p", required=True, help="the text to continue")
+    gen.add_argument("--max-new-tokens", "-n", type=int, default=64, help="tokens to generate (default 64)")
+    gen.add_argument("--temperature", "-t", type=float, default=0.7, help="sampling temperature; 0 = greedy (default 0.7)")
+    gen.add_argument("--top-k", type=int, default=40, help="sample among the K most likely tokens (default 40; 0 = off)")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (default off)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                     help="compute dtype (default: the checkpoint's)")
+    gen.add_argument("--revision", default=None, help="hub branch, tag or commit")
+    gen.add_argument("--no-bos", action="store_true", help="do not prepend the model's BOS token")
+    gen.set_defaults(func=cmd_generate)
+
+    info = sub.add_parser("info", help="describe a checkpoint", description="Print a checkpoint's architecture, "
+                          "parameter count and config.")
+    info.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
+                      help=f"checkpoint folder or hub repo id (default: {DEFAULT_MODEL})")
+    info.add_argument("--revision", default=None, help="hub branch, tag or commit")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "top_k", None) == 0:
+        args.top_k = None
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:  # CheckpointError and ConfigError are ValueErrors
+        return _fail(str(e).replace("\n", " "))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

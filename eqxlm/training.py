@@ -1,0 +1,182 @@
+"""Small, readable training utilities: loss, optimiser, a jitted step, batches, evaluation.
+
+Everything here works on any eqxlm causal LM and is what `scripts/train_default_model.py`
+and the notebooks use:
+
+    optimizer = make_optimizer(learning_rate=1e-3, total_steps=1000)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+    for batch in random_batches(tokens, batch_size=32, seq_len=128, seed=0):
+        model, opt_state, loss = train_step(model, opt_state, batch, optimizer=optimizer)
+"""
+
+import math
+import time
+from collections.abc import Iterator
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Bool, Float, Int
+from tqdm.auto import tqdm
+
+from ._typing import typecheck
+from .nn import BloomBlock, DecoderLayer
+
+
+@typecheck
+def next_token_loss(
+    model,
+    input_ids: Int[Array, " seq"],
+    loss_mask: Bool[Array, " seq"] | None = None,
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """Summed next-token cross-entropy of one sequence, and the number of predicted tokens.
+
+    Token `t` predicts token `t + 1`; `loss_mask[t + 1]` False leaves that target out (and
+    masks it as padding for attention). **Returns:** `(sum of losses, count)`, so a batch's
+    mean is `sum / count` over all of it.
+    """
+    logits = model(input_ids, loss_mask).logits[:-1].astype(jnp.float32)
+    targets = input_ids[1:]
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    weight = jnp.ones_like(losses) if loss_mask is None else loss_mask[1:].astype(jnp.float32)
+    return jnp.sum(losses * weight), jnp.sum(weight)
+
+
+@typecheck
+def batch_loss(
+    model, input_ids: Int[Array, "batch seq"], loss_mask: Bool[Array, "batch seq"] | None = None
+) -> Float[Array, ""]:
+    """Mean next-token cross-entropy over every predicted token of a batch (`jax.vmap`)."""
+    total, count = jax.vmap(next_token_loss, in_axes=(None, 0, 0 if loss_mask is not None else None))(
+        model, input_ids, loss_mask
+    )
+    return jnp.sum(total) / jnp.maximum(jnp.sum(count), 1.0)
+
+
+def make_optimizer(
+    learning_rate: float = 1e-3,
+    *,
+    total_steps: int,
+    warmup_steps: int | None = None,
+    weight_decay: float = 0.1,
+    max_grad_norm: float = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.95,
+) -> optax.GradientTransformation:
+    """AdamW with linear warmup and cosine decay (to 10%), after global-norm clipping.
+
+    Weight decay applies to matrices only (not to norms, biases or other vectors).
+    """
+    warmup_steps = max(1, total_steps // 20) if warmup_steps is None else warmup_steps
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1), end_value=learning_rate / 10
+    )
+    decay_mask = lambda params: jax.tree.map(lambda p: p is not None and p.ndim >= 2, params)  # noqa: E731
+    return optax.chain(
+        optax.clip_by_global_norm(max_grad_norm),
+        optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask),
+    )
+
+
+class Remat(eqx.Module):
+    """A decoder layer whose activations are recomputed in the backward pass
+    (`eqx.filter_checkpoint`): less memory for more compute. See `remat_layers`."""
+
+    layer: DecoderLayer | BloomBlock
+
+    def __call__(self, *args):
+        return eqx.filter_checkpoint(lambda layer, *a: layer(*a))(self.layer, *args)
+
+
+def _is_layer(x) -> bool:
+    return isinstance(x, (DecoderLayer, BloomBlock))
+
+
+def remat_layers(model):
+    """Wrap every decoder layer in [`Remat`][] (gradient checkpointing)."""
+    return jax.tree.map(lambda x: Remat(x) if _is_layer(x) else x, model, is_leaf=_is_layer)
+
+
+def unremat_layers(model):
+    """Undo [`remat_layers`][] (before saving: parameter names lose the `.layer`)."""
+    is_remat = lambda x: isinstance(x, Remat)  # noqa: E731
+    return jax.tree.map(lambda x: x.layer if is_remat(x) else x, model, is_leaf=is_remat)
+
+
+@eqx.filter_jit(donate="all-except-first")
+def train_step(
+    model,
+    opt_state,
+    input_ids: Int[Array, "batch seq"],
+    loss_mask: Bool[Array, "batch seq"] | None = None,
+    *,
+    optimizer: optax.GradientTransformation,
+):
+    """One optimiser step on a batch. **Returns:** `(model, opt_state, loss)`."""
+    loss, grads = eqx.filter_value_and_grad(batch_loss)(model, input_ids, loss_mask)
+    updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+    return eqx.apply_updates(model, updates), opt_state, loss
+
+
+def random_batches(tokens: np.ndarray, *, batch_size: int, seq_len: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """Endless `batch_size x seq_len` windows at random offsets of a 1-D token stream."""
+    if len(tokens) <= seq_len:
+        raise ValueError(f"token stream ({len(tokens)}) must be longer than seq_len ({seq_len}).")
+    rng = np.random.default_rng(seed)
+    while True:
+        starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
+        yield np.stack([tokens[s : s + seq_len] for s in starts]).astype(np.int32)
+
+
+@eqx.filter_jit
+def _eval_sums(model, input_ids):
+    total, count = jax.vmap(next_token_loss, in_axes=(None, 0, None))(model, input_ids, None)
+    return jnp.sum(total), jnp.sum(count)
+
+
+def evaluate(model, tokens: np.ndarray, *, seq_len: int, batch_size: int = 16) -> dict[str, float]:
+    """Mean next-token loss and perplexity over consecutive `seq_len` windows of `tokens`
+    (every window in full; a tail shorter than a window is dropped)."""
+    n = (len(tokens) - 1) // seq_len
+    windows = np.asarray(tokens[: n * seq_len]).reshape(n, seq_len).astype(np.int32)
+    total = count = 0.0
+    for i in range(0, n, batch_size):
+        s, c = _eval_sums(model, jnp.asarray(windows[i : i + batch_size]))
+        total += float(s)
+        count += float(c)
+    loss = total / max(count, 1.0)
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(count)}
+
+
+def train(
+    model,
+    tokens: np.ndarray,
+    *,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    remat: bool = False,
+    progress: bool = True,
+    log_every: int = 10,
+):
+    """Train `model` on random windows of `tokens`. **Returns:** `(model, history)`, with
+    `history` a list of `{"step", "loss", "tokens_per_s"}` every `log_every` steps."""
+    optimizer = make_optimizer(learning_rate, total_steps=steps)
+    model = remat_layers(model) if remat else model
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+    history = []
+    bar = tqdm(range(steps), disable=not progress, desc="train", unit="step")
+    batches = random_batches(tokens, batch_size=batch_size, seq_len=seq_len, seed=seed)
+    start = time.perf_counter()
+    for step in bar:
+        model, opt_state, loss = train_step(model, opt_state, jnp.asarray(next(batches)), optimizer=optimizer)
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            loss = float(loss)
+            rate = (step + 1) * batch_size * seq_len / (time.perf_counter() - start)
+            history.append({"step": step + 1, "loss": loss, "tokens_per_s": rate})
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
+    return (unremat_layers(model) if remat else model), history

@@ -1,0 +1,34 @@
+"""Test configuration: strict JAX promotion (as equinox's own suite), shared fixtures.
+
+Oracles: transformers (PyTorch, CPU) at the version pinned in pyproject's `test` extra.
+Tolerances (float32): parts 1e-6, layers 1e-5, model logits 1e-4.
+"""
+
+import os
+from pathlib import Path
+
+import jax
+import pytest
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+import torch  # noqa: E402
+
+torch.manual_seed(0)
+torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MODELS = Path(os.environ.get("EQXLM_SHARED", REPO.parent / "shared")) / "models"
+
+PART_ATOL = 1e-6
+LAYER_ATOL = 1e-5
+LOGITS_ATOL = 1e-4
+
+
+def shared_model(name: str) -> Path:
+    path = SHARED_MODELS / name
+    if not (path / "config.json").exists():
+        pytest.skip(f"../shared/models/{name} is not present (the team's shared folder sits beside the checkout); "
+                    "set EQXLM_SHARED to its location to run this test.")
+    return path

@@ -1,0 +1,139 @@
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import LAYER_ATOL, PART_ATOL
+from hf import additive_mask, copy_from_torch, hf_config
+from transformers.models.bloom.modeling_bloom import BloomAttention as TorchBloomAttention
+from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding, eager_attention_forward, repeat_kv
+from transformers.models.mistral.modeling_mistral import MistralAttention
+
+from eqxlm.nn import ALiBi, Attention, BloomAttention, KVCache, RotaryEmbedding, attention_mask, dot_product_attention
+
+RNG = np.random.default_rng(0)
+
+
+def _randn(*shape):
+    return RNG.normal(size=shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
+def test_gqa_core_matches_repeat_kv_and_eager_attention(heads, kv_heads):
+    q, k, v = _randn(5, heads, 8), _randn(7, kv_heads, 8), _randn(7, kv_heads, 8)
+    mask = np.tril(np.ones((5, 7), bool), k=2)
+    module = types.SimpleNamespace(num_key_value_groups=heads // kv_heads, training=False)
+    tq, tk, tv = (torch.tensor(a).transpose(0, 1)[None] for a in (q, k, v))
+    want, want_w = eager_attention_forward(module, tq, tk, tv, additive_mask(mask), scaling=8**-0.5)
+    out, weights = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask=jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(out), want[0].numpy(), atol=PART_ATOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(weights), want_w[0].numpy(), atol=PART_ATOL, rtol=0)
+    # repeat_kv is repeat_interleave: query head h reads kv head h // g
+    rep = repeat_kv(tk, heads // kv_heads)[0].numpy()
+    for h in range(heads):
+        np.testing.assert_array_equal(rep[h], k[:, h // (heads // kv_heads)])
+
+
+def _llama_family(cls, kind, window=None, **overrides):
+    config = hf_config(kind, **overrides)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    ref = cls(config, layer_idx=0).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(0.3 * torch.randn_like(p))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    ours = Attention(
+        config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim,
+        use_bias=getattr(config, "attention_bias", False), rotary=RotaryEmbedding(head_dim, 10000.0),
+        sliding_window=window, key=jax.random.key(0),
+    )
+    return config, ref, copy_from_torch(ours, ref)
+
+
+@pytest.mark.parametrize(
+    "cls,kind,window,overrides",
+    [
+        (LlamaAttention, "llama", None, {}),
+        (LlamaAttention, "llama", None, {"attention_bias": True, "num_key_value_heads": 1}),
+        (MistralAttention, "mistral", 3, {}),
+        (MistralAttention, "mistral", None, {"head_dim": 16}),
+    ],
+)
+def test_attention_module_matches_hf(cls, kind, window, overrides):
+    config, ref, ours = _llama_family(cls, kind, window, **overrides)
+    seq = 9
+    x = _randn(seq, config.hidden_size)
+    valid = np.array([False, False] + [True] * (seq - 2))  # left padding
+    positions = np.maximum(np.cumsum(valid) - 1, 0) * valid
+    slots = jnp.arange(seq, dtype=jnp.int32)
+    mask = np.asarray(attention_mask(slots, jnp.where(jnp.asarray(valid), slots, -1), jnp.asarray(valid), window))
+    cos, sin = LlamaRotaryEmbedding(config)(torch.tensor(x), torch.tensor(positions)[None])
+    with torch.no_grad():
+        want, _ = ref(torch.tensor(x)[None], position_embeddings=(cos, sin), attention_mask=additive_mask(mask))
+    got, _, _ = ours(jnp.asarray(x), jnp.asarray(positions, jnp.int32), jnp.asarray(valid))
+    np.testing.assert_allclose(np.asarray(got)[valid], want[0].numpy()[valid], atol=LAYER_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("heads", [4, 6])
+def test_bloom_attention_matches_hf_with_fused_per_head_qkv(heads):
+    config = hf_config("bloom", hidden_size=heads * 8, n_head=heads)
+    torch.manual_seed(0)
+    ref = TorchBloomAttention(config, layer_idx=0).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(0.3 * torch.randn_like(p))
+    ours = copy_from_torch(BloomAttention(heads * 8, heads, key=jax.random.key(0)), ref)
+    seq = 8
+    x = _randn(seq, heads * 8)
+    mask2d = np.array([[0, 1, 1, 1, 1, 1, 1, 1]])
+    valid = mask2d[0].astype(bool)
+    alibi = build_alibi_tensor(torch.tensor(mask2d), heads, torch.float32)
+    slots = jnp.arange(seq, dtype=jnp.int32)
+    mask = np.asarray(attention_mask(slots, jnp.where(jnp.asarray(valid), slots, -1), jnp.asarray(valid)))
+    with torch.no_grad():
+        want, want_w = ref(torch.tensor(x)[None], torch.zeros(1, seq, heads * 8), alibi, additive_mask(mask))
+    positions = jnp.asarray(np.maximum(np.cumsum(valid) - 1, 0) * valid, jnp.int32)
+    got, weights, _ = ours(jnp.asarray(x), positions, jnp.asarray(valid))
+    np.testing.assert_allclose(np.asarray(got)[valid], want[0].numpy()[valid], atol=LAYER_ATOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(weights)[:, valid], want_w[0].numpy()[:, valid], atol=LAYER_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("position_scheme", ["rotary", "alibi"])
+def test_cached_blocks_equal_one_full_pass(window, position_scheme):
+    """Prefill 5 tokens, then 1, 1, 3, 1: the same outputs as attending over all 11 at once,
+    with a linear cache and (for a window) a rolling buffer of the window's size."""
+    rotary = RotaryEmbedding(8, 10000.0) if position_scheme == "rotary" else None
+    alibi = ALiBi(4) if position_scheme == "alibi" else None
+    attn = Attention(32, 4, 2, 8, rotary=rotary, alibi=alibi, sliding_window=window, key=jax.random.key(1))
+    seq = 11
+    x = jnp.asarray(_randn(seq, 32))
+    positions = jnp.arange(seq, dtype=jnp.int32)
+    valid = jnp.ones(seq, bool)
+    full, _, _ = attn(x, positions, valid)
+    for cache in (KVCache.init(seq, 2, 8), KVCache.init(window or seq, 2, 8, rolling=window is not None)):
+        outs, start = [], 0
+        for size in (5, 1, 1, 3, 1):
+            out, _, cache = attn(x[start : start + size], positions[start : start + size], valid[start : start + size], cache)
+            outs.append(out)
+            start += size
+        np.testing.assert_allclose(np.asarray(jnp.concatenate(outs)), np.asarray(full), atol=LAYER_ATOL, rtol=0)
+
+
+def test_linear_cache_overflow_is_an_error():
+    attn = Attention(16, 2, key=jax.random.key(0), rotary=RotaryEmbedding(8, 10000.0))
+    cache = KVCache.init(4, 2, 8)
+    x = jnp.ones((5, 16))
+    with pytest.raises(Exception, match="KVCache overflow"):
+        attn(x, jnp.arange(5, dtype=jnp.int32), jnp.ones(5, bool), cache)
+
+
+def test_attention_weights_are_returned_per_head():
+    attn = Attention(16, 2, key=jax.random.key(0))
+    _, weights, _ = attn(jnp.ones((3, 16)), jnp.arange(3, dtype=jnp.int32), jnp.ones(3, bool))
+    assert weights.shape == (2, 3, 3)
+    np.testing.assert_allclose(np.asarray(weights.sum(-1)), 1.0, atol=1e-6)
