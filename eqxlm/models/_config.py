@@ -18,7 +18,9 @@ class ConfigError(ValueError):
     """A `config.json` field that eqxlm does not support (the message names it)."""
 
 
-# Fields every transformers config may carry that never change the forward pass.
+# Bookkeeping that `save_pretrained` writes afresh: accepted, not kept.
+REGENERATED = frozenset({"architectures", "dtype", "torch_dtype", "transformers_version"})
+# Fields every transformers config may carry that never change the forward pass (kept verbatim).
 COMMON_IGNORED = frozenset(
     {
         "_name_or_path",
@@ -94,6 +96,8 @@ class BaseConfig:
         for name, value in raw.items():
             if name in cls.hf_fields:
                 kwargs[cls.hf_fields[name]] = value
+            elif name in REGENERATED:
+                continue
             elif name in COMMON_IGNORED or name in cls.ignored_fields:
                 extra.append((name, json.dumps(value, sort_keys=True)))
             else:

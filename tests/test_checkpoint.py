@@ -1,0 +1,228 @@
+"""Import/export: lossless round trips, shards, the hub cache offline, dtypes, and errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from hf import hf_model, run_hf, save_hf
+from safetensors.numpy import load_file, save_file
+
+import eqxlm
+from eqxlm import CheckpointError, ConfigError
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "bloom"])
+def saved(request, tmp_path_factory):
+    overrides = {"sliding_window": 4} if request.param == "mistral" else {}
+    ref = hf_model(request.param, **overrides)
+    return request.param, ref, save_hf(ref, tmp_path_factory.mktemp(f"hf-{request.param}"))
+
+
+def _tensors(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_import_then_export_is_bitwise_identical(saved, tmp_path):
+    kind, _, path = saved
+    model = eqxlm.from_pretrained(path)
+    eqxlm.save_pretrained(model, tmp_path / "out")
+    before, after = _tensors(Path(path)), _tensors(tmp_path / "out")
+    assert before.keys() == after.keys()
+    for name in before:
+        assert before[name].dtype == after[name].dtype and np.array_equal(before[name], after[name]), name
+    config_in = json.loads((Path(path) / "config.json").read_text())
+    config_out = json.loads((tmp_path / "out" / "config.json").read_text())
+    for key in ("vocab_size", "hidden_size", "tie_word_embeddings", "model_type", "architectures"):
+        assert config_in[key] == config_out[key]
+
+
+def test_transformers_loads_what_eqxlm_saves(saved, tmp_path):
+    kind, ref, path = saved
+    model = eqxlm.from_pretrained(path)
+    eqxlm.save_pretrained(model, tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    assert type(reloaded) is type(ref)
+    ids = np.random.default_rng(0).integers(0, 96, size=(1, 10))
+    np.testing.assert_array_equal(run_hf(reloaded, ids).logits.numpy(), run_hf(ref, ids).logits.numpy())
+    assert reloaded.config.to_diff_dict().get("sliding_window") == ref.config.to_diff_dict().get("sliding_window")
+
+
+def test_export_of_a_random_model_round_trips_through_transformers(tmp_path):
+    config = eqxlm.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                               rope_scaling=eqxlm.nn.RopeScaling("linear", 2.0))
+    model = eqxlm.LlamaForCausalLM(config, key=jax.random.key(3))
+    eqxlm.save_pretrained(model, tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ids = np.arange(12)[None] % 64
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids[0], jnp.int32)).logits),
+                               run_hf(ref, ids).logits[0].numpy(), atol=1e-4, rtol=0)
+    again = eqxlm.from_pretrained(tmp_path)
+    assert again.config == model.config
+    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(again), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sharded_save_and_load(saved, tmp_path):
+    kind, ref, path = saved
+    model = eqxlm.from_pretrained(path)
+    out = eqxlm.save_pretrained(model, tmp_path / "sharded", max_shard_size="20KB")
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    assert index["metadata"]["total_size"] == sum(a.nbytes for a in _tensors(out).values())
+    again = eqxlm.from_pretrained(out)
+    ids = jnp.arange(8, dtype=jnp.int32)
+    np.testing.assert_array_equal(np.asarray(again(ids).logits), np.asarray(model(ids).logits))
+    hf_sharded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    np.testing.assert_array_equal(run_hf(hf_sharded, np.arange(8)[None]).logits.numpy(),
+                                  run_hf(ref, np.arange(8)[None]).logits.numpy())
+
+
+def test_bfloat16_loading(saved):
+    """Parameters really are bfloat16; logits stay within 0.15 of float32's (max abs over
+    a 16-token sequence, logits of magnitude ~5) and agree on the argmax at most positions."""
+    kind, _, path = saved
+    f32 = eqxlm.from_pretrained(path)
+    bf16 = eqxlm.from_pretrained(path, dtype=jnp.bfloat16)
+    dtypes = {leaf.dtype for leaf in jax.tree.leaves(bf16)}
+    assert dtypes == {jnp.dtype(jnp.bfloat16)}
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 96, 16), jnp.int32)
+    a, b = np.asarray(f32(ids).logits), np.asarray(bf16(ids).logits.astype(jnp.float32))
+    assert np.abs(a - b).max() < 0.15
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.8
+
+
+def test_bloom_without_transformer_prefix(tmp_path):
+    ref = hf_model("bloom")
+    path = save_hf(ref, tmp_path / "with")
+    tensors = load_file(f"{path}/model.safetensors")
+    (tmp_path / "without").mkdir()
+    save_file({k.removeprefix("transformer."): v for k, v in tensors.items()}, tmp_path / "without" / "model.safetensors",
+              metadata={"format": "pt"})
+    shutil.copy(f"{path}/config.json", tmp_path / "without")
+    a, b = eqxlm.from_pretrained(path), eqxlm.from_pretrained(tmp_path / "without")
+    ids = jnp.arange(7, dtype=jnp.int32)
+    np.testing.assert_array_equal(np.asarray(a(ids).logits), np.asarray(b(ids).logits))
+
+
+def _hub_layout(root, repo_id, src, commit="0123456789abcdef0123456789abcdef01234567"):
+    """A huggingface_hub cache entry: models--org--name/{refs/main, snapshots/<commit>/...}."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in Path(src).iterdir():
+        shutil.copy(f, snap / f.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return commit
+
+
+def test_load_by_repo_id_from_hub_cache_offline(saved, tmp_path):
+    kind, _, path = saved
+    commit = _hub_layout(tmp_path, f"tiny-org/tiny-{kind}", path)
+    code = (
+        "import jax.numpy as jnp, eqxlm, sys\n"
+        f"m = eqxlm.from_pretrained('tiny-org/tiny-{kind}')\n"
+        f"r = eqxlm.from_pretrained('tiny-org/tiny-{kind}', revision='{commit}')\n"
+        "print(type(m).__name__, float(m(jnp.arange(4, dtype=jnp.int32)).logits.sum()) == "
+        "float(r(jnp.arange(4, dtype=jnp.int32)).logits.sum()))\n"
+        "try:\n    eqxlm.from_pretrained('tiny-org/not-cached')\nexcept FileNotFoundError as e:\n    print('MISSING', e)\n"
+    )
+    env = {"HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+           "HOME": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    cls = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "bloom": "BloomForCausalLM"}[kind]
+    assert f"{cls} True" in out.stdout
+    assert "MISSING tiny-org/not-cached" in out.stdout
+
+
+# -- bad checkpoints ---------------------------------------------------------------------
+@pytest.fixture
+def llama_dir(tmp_path):
+    return Path(save_hf(hf_model("llama"), tmp_path / "llama"))
+
+
+def test_missing_unexpected_and_misshapen_are_all_named(llama_dir):
+    tensors = load_file(llama_dir / "model.safetensors")
+    del tensors["model.layers.0.mlp.up_proj.weight"]
+    del tensors["model.norm.weight"]
+    tensors["model.layers.0.self_attn.extra.weight"] = np.zeros(3, np.float32)
+    tensors["model.layers.1.self_attn.q_proj.weight"] = np.zeros((5, 32), np.float32)
+    save_file(tensors, llama_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as info:
+        eqxlm.from_pretrained(llama_dir)
+    message = str(info.value)
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.norm.weight", "model.layers.0.self_attn.extra.weight",
+                 "model.layers.1.self_attn.q_proj.weight: file (5, 32), model (32, 32)"):
+        assert name in message
+
+
+def test_pytorch_bin_only_folder_says_safetensors_needed(llama_dir):
+    (llama_dir / "model.safetensors").unlink()
+    torch.save({}, llama_dir / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        eqxlm.from_pretrained(llama_dir)
+
+
+def test_missing_shard_is_named(llama_dir, tmp_path):
+    out = eqxlm.save_pretrained(eqxlm.from_pretrained(llama_dir), tmp_path / "s", max_shard_size=10_000)
+    victim = sorted(out.glob("model-*.safetensors"))[0]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=victim.name):
+        eqxlm.from_pretrained(out)
+
+
+@pytest.mark.parametrize(
+    "field,value,kind",
+    [
+        ("quantization_config", {"quant_method": "gptq"}, "llama"),
+        ("rope_scaling", {"type": "yarn", "factor": 2.0}, "llama"),
+        ("hidden_act", "gelu", "llama"),
+        ("slow_but_exact", True, "bloom"),
+        ("attention_bias", True, "mistral"),
+        ("some_new_field", 1, "mistral"),
+    ],
+)
+def test_unsupported_config_fields_are_refused_by_name(field, value, kind, tmp_path):
+    path = Path(save_hf(hf_model(kind), tmp_path / kind))
+    config = json.loads((path / "config.json").read_text())
+    config[field] = value
+    if field == "slow_but_exact":
+        config["pretraining_tp"] = 2
+    if field == "rope_scaling":
+        config.pop("rope_parameters", None)
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=field if field != "rope_scaling" else "yarn"):
+        eqxlm.from_pretrained(path)
+
+
+def test_unknown_model_type_and_missing_folder(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(CheckpointError, match="gpt2"):
+        eqxlm.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        eqxlm.from_pretrained(tmp_path / "nope")
+
+
+def test_ignored_fields_survive_export(llama_dir, tmp_path):
+    config = json.loads((llama_dir / "config.json").read_text())
+    config["pretraining_tp"] = 4  # ignored by transformers 5's Llama too
+    config["_name_or_path"] = "somewhere"
+    (llama_dir / "config.json").write_text(json.dumps(config))
+    out = eqxlm.save_pretrained(eqxlm.from_pretrained(llama_dir), tmp_path / "o")
+    written = json.loads((out / "config.json").read_text())
+    assert written["pretraining_tp"] == 4 and written["_name_or_path"] == "somewhere"
