@@ -164,9 +164,9 @@ def generate(
     Raises `ValueError` before compiling anything when the request cannot fit the model
     (`seq + max_new_tokens > max_position_embeddings`) or a setting is invalid.
     """
-    input_ids = jnp.asarray(input_ids, jnp.int32)
+    input_ids = np.asarray(input_ids, np.int32)  # host-side bookkeeping: nothing here compiles
     batch, seq = input_ids.shape
-    mask = jnp.ones((batch, seq), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+    mask = np.ones((batch, seq), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -195,21 +195,21 @@ def generate(
         pad_token_id = eos[0] if eos else 0
 
     prompt = bucket_length(seq)
-    padded_ids = jnp.pad(input_ids, ((0, 0), (prompt - seq, 0)), constant_values=pad_token_id)
-    padded_mask = jnp.pad(mask, ((0, 0), (prompt - seq, 0)))
+    padded_ids = np.pad(input_ids, ((0, 0), (prompt - seq, 0)), constant_values=pad_token_id)
+    padded_mask = np.pad(mask, ((0, 0), (prompt - seq, 0)))
     new = _generate(
         model,
         padded_ids,
         padded_mask,
         key,
-        jnp.asarray(temperature, jnp.float32),
-        jnp.asarray(top_k or 0, jnp.int32),
-        jnp.asarray(1.0 if top_p is None else top_p, jnp.float32),
-        jnp.asarray(eos if eos else (-1,), jnp.int32),
-        jnp.asarray(pad_token_id, jnp.int32),
-        jnp.asarray(max_new_tokens, jnp.int32),
+        np.float32(temperature),
+        np.int32(top_k or 0),
+        np.float32(1.0 if top_p is None else top_p),
+        np.asarray(eos if eos else (-1,), np.int32),
+        np.int32(pad_token_id),
+        np.int32(max_new_tokens),
         buffer=bucket_length(max_new_tokens),
         do_sample=do_sample,
         streamer=streamer,
     )
-    return jnp.concatenate([input_ids, new[:, :max_new_tokens]], axis=1)
+    return jax.device_put(np.concatenate([input_ids, np.asarray(new)[:, :max_new_tokens]], axis=1))
