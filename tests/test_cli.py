@@ -1,0 +1,80 @@
+"""The `eqxlm` command line, end to end, on a checkpoint with a tokenizer the test builds."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from hf import hf_model, save_hf
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from eqxlm.cli import build_parser, main
+
+TEXT = ["the return statement leaves a function", "a list is a mutable sequence", "the quick brown fox"] * 20
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                      show_progress=False))
+    vocab = tok.get_vocab_size()
+    save_hf(hf_model("mistral", vocab_size=vocab, sliding_window=8, bos_token_id=0, eos_token_id=0), path)
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "eqxlm.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_generate_streams_text_and_a_summary(folder):
+    out = _run("generate", str(folder), "--prompt", "the return", "--max-new-tokens", "12", "--temperature", "0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("the return") and len(out.stdout.strip()) > len("the return")
+    summary = out.stderr.strip().splitlines()[-1]
+    assert "tokens in" in summary and "tokens/s" in summary and "compile" in summary
+
+
+def test_sampling_is_reproducible_for_a_seed(folder, capsys):
+    args = ["generate", str(folder), "-p", "a list", "-n", "10", "--temperature", "1.0", "--top-p", "0.9", "--seed", "3"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first
+
+
+def test_help_is_complete():
+    parser = build_parser()
+    text = parser.format_help()
+    assert "generate" in text and "info" in text
+    sub = _run("generate", "--help")
+    for flag in ("--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--dtype"):
+        assert flag in sub.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "/no/such/folder", "--prompt", "x"], "not a checkpoint folder"),
+    (["generate", "--prompt", "x", "--max-new-tokens", "many"], "invalid int value"),
+])
+def test_errors_are_one_readable_line(args, needle):
+    out = _run(*args)
+    assert out.returncode == 2
+    assert needle in out.stderr and "Traceback" not in out.stderr
+
+
+def test_folder_without_tokenizer(folder, tmp_path):
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    out = _run("generate", str(tmp_path), "--prompt", "x")
+    assert out.returncode == 2 and "tokenizer.json" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_info(folder, capsys):
+    assert main(["info", str(folder)]) == 0
+    text = capsys.readouterr().out
+    assert "MistralForCausalLM" in text and "parameters" in text and json.dumps(8) in text
