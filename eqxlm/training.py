@@ -33,14 +33,17 @@ def next_token_loss(
 ) -> tuple[Float[Array, ""], Float[Array, ""]]:
     """Summed next-token cross-entropy of one sequence, and the number of predicted tokens.
 
-    Token `t` predicts token `t + 1`; `loss_mask[t + 1]` False leaves that target out (and
-    masks it as padding for attention). **Returns:** `(sum of losses, count)`, so a batch's
+    Token `t` predicts token `t + 1`; the pair is scored only when `loss_mask` is True at
+    both (False marks padding, which attention also ignores). **Returns:** `(sum of losses, count)`, so a batch's
     mean is `sum / count` over all of it.
     """
     logits = model(input_ids, loss_mask).logits[:-1].astype(jnp.float32)
     targets = input_ids[1:]
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    weight = jnp.ones_like(losses) if loss_mask is None else loss_mask[1:].astype(jnp.float32)
+    if loss_mask is None:
+        weight = jnp.ones_like(losses)
+    else:  # a target counts only when it and the token predicting it are both real
+        weight = (loss_mask[1:] & loss_mask[:-1]).astype(jnp.float32)
     return jnp.sum(losses * weight), jnp.sum(weight)
 
 
@@ -116,7 +119,8 @@ def train_step(
 ):
     """One optimiser step on a batch. **Returns:** `(model, opt_state, loss)`."""
     loss, grads = eqx.filter_value_and_grad(batch_loss)(model, input_ids, loss_mask)
-    updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes int step counts and floats
+        updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
     return eqx.apply_updates(model, updates), opt_state, loss
 
 
@@ -167,7 +171,8 @@ def train(
     `history` a list of `{"step", "loss", "tokens_per_s"}` every `log_every` steps."""
     optimizer = make_optimizer(learning_rate, total_steps=steps)
     model = remat_layers(model) if remat else model
-    opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+    with jax.numpy_dtype_promotion("standard"):
+        opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
     history = []
     bar = tqdm(range(steps), disable=not progress, desc="train", unit="step")
     batches = random_batches(tokens, batch_size=batch_size, seq_len=seq_len, seed=seed)
