@@ -56,7 +56,8 @@ def _dtype(dtype):
 
 # -- locating files -----------------------------------------------------------------------
 def resolve(path_or_repo_id: str | os.PathLike, *, revision: str | None = None) -> Path:
-    """`"eqxlm/default"` is the embedded default model; a local folder is used as is; otherwise a hub repo id resolved through `huggingface_hub`
+    """`"eqxlm/default"` is the embedded default model; a local folder is used as is;
+    otherwise a hub repo id resolved through `huggingface_hub`
     (its cache and `HF_HUB_OFFLINE=1` honoured), fetching only `HUB_PATTERNS`."""
     if str(path_or_repo_id) == DEFAULT_MODEL:
         return default_model_path()
@@ -284,6 +285,10 @@ def save_pretrained(model: CausalLM, out_dir: str | os.PathLike, *, max_shard_si
         total = sum(a.nbytes for a in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in out.glob("model*.safetensors"):  # safetensors writes 0600; follow the umask like open()
+        written.chmod(0o666 & ~umask)
     config = model.config.to_hf()
     dtypes = {str(a.dtype) for a in tensors.values()}
     config["dtype"] = dtypes.pop() if len(dtypes) == 1 else config.get("dtype", "float32")

@@ -48,13 +48,9 @@ def next_token_loss(
 
 
 @typecheck
-def batch_loss(
-    model, input_ids: Int[Array, "batch seq"], loss_mask: Bool[Array, "batch seq"] | None = None
-) -> Float[Array, ""]:
+def batch_loss(model, input_ids: Int[Array, "batch seq"], loss_mask: Bool[Array, "batch seq"] | None = None) -> Float[Array, ""]:
     """Mean next-token cross-entropy over every predicted token of a batch (`jax.vmap`)."""
-    total, count = jax.vmap(next_token_loss, in_axes=(None, 0, 0 if loss_mask is not None else None))(
-        model, input_ids, loss_mask
-    )
+    total, count = jax.vmap(next_token_loss, in_axes=(None, 0, 0 if loss_mask is not None else None))(model, input_ids, loss_mask)
     return jnp.sum(total) / jnp.maximum(jnp.sum(count), 1.0)
 
 

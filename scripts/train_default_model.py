@@ -17,7 +17,6 @@ with `config.json`, `model.safetensors`, `generation_config.json`, `tokenizer.js
 
 import argparse
 import ast
-import collections
 import json
 import math
 import os
@@ -113,28 +112,53 @@ def main(argv=None) -> None:
     tok = train_tokenizer(train_docs, args.vocab)
     train_ids, val_ids = encode(tok, train_docs), encode(tok, val_docs)
     eos = tok.token_to_id(EOS)
-    print(f"corpus: {len(docs)} documents, {sum(map(len, docs)):,} characters; "
-          f"{len(train_ids):,} train / {len(val_ids):,} validation tokens", flush=True)
+    print(
+        f"corpus: {len(docs)} documents, {sum(map(len, docs)):,} characters; "
+        f"{len(train_ids):,} train / {len(val_ids):,} validation tokens",
+        flush=True,
+    )
 
     config = eqxlm.MistralConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=192, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=6, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
-        sliding_window=64, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
-        bos_token_id=eos, eos_token_id=(eos,), pad_token_id=eos, initializer_range=0.02,
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        sliding_window=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=eos,
+        eos_token_id=(eos,),
+        pad_token_id=eos,
+        initializer_range=0.02,
     )
     model = eqxlm.MistralForCausalLM(config, key=jax.random.key(args.seed))
     print(f"model: {eqxlm.parameter_count(model):,} parameters", flush=True)
     t_train = time.perf_counter()
     model, history = train(
-        model, train_ids, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-        learning_rate=args.lr, seed=args.seed, progress=sys.stderr.isatty(), log_every=50,
+        model,
+        train_ids,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        learning_rate=args.lr,
+        seed=args.seed,
+        progress=sys.stderr.isatty(),
+        log_every=50,
     )
     train_seconds = time.perf_counter() - t_train
     val = evaluate(model, val_ids, seq_len=args.seq_len)
     train_eval = evaluate(model, train_ids[: len(val_ids)], seq_len=args.seq_len)
     unigram = unigram_perplexity(train_ids, val_ids, tok.get_vocab_size())
-    print(f"validation loss {val['loss']:.3f} (perplexity {val['perplexity']:.1f}); unigram perplexity "
-          f"{unigram:.1f}; training {train_seconds:.0f} s", flush=True)
+    print(
+        f"validation loss {val['loss']:.3f} (perplexity {val['perplexity']:.1f}); unigram perplexity "
+        f"{unigram:.1f}; training {train_seconds:.0f} s",
+        flush=True,
+    )
 
     out = eqxlm.save_pretrained(model, args.out)
     tok.save(str(out / "tokenizer.json"))
@@ -143,8 +167,12 @@ def main(argv=None) -> None:
         "args": vars(args),
         "python": sys.version.split()[0],
         "jax": jax.__version__,
-        "corpus": {"documents": len(docs), "train_tokens": int(len(train_ids)), "validation_tokens": int(len(val_ids)),
-                   "sources": "pydoc_data.topics + CPython stdlib docstrings (PSF licence)"},
+        "corpus": {
+            "documents": len(docs),
+            "train_tokens": int(len(train_ids)),
+            "validation_tokens": int(len(val_ids)),
+            "sources": "pydoc_data.topics + CPython stdlib docstrings (PSF licence)",
+        },
         "parameters": eqxlm.parameter_count(model),
         "validation": val,
         "train_sample": train_eval,

@@ -29,6 +29,8 @@ LOGITS_ATOL = 1e-4
 def shared_model(name: str) -> Path:
     path = SHARED_MODELS / name
     if not (path / "config.json").exists():
-        pytest.skip(f"../shared/models/{name} is not present (the team's shared folder sits beside the checkout); "
-                    "set EQXLM_SHARED to its location to run this test.")
+        pytest.skip(
+            f"../shared/models/{name} is not present (the team's shared folder sits beside the checkout); "
+            "set EQXLM_SHARED to its location to run this test."
+        )
     return path

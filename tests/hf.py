@@ -9,10 +9,25 @@ import transformers
 from eqxlm.checkpoint import _path_name
 
 TINY = {
-    "llama": dict(vocab_size=96, hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256),
-    "mistral": dict(vocab_size=96, hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=256, sliding_window=None),
+    "llama": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    ),
+    "mistral": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        sliding_window=None,
+    ),
     "bloom": dict(vocab_size=96, hidden_size=32, n_layer=2, n_head=4),
 }
 CONFIGS = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "bloom": transformers.BloomConfig}

@@ -47,9 +47,14 @@ def _llama_family(cls, kind, window=None, **overrides):
             p.copy_(0.3 * torch.randn_like(p))
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     ours = Attention(
-        config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim,
-        use_bias=getattr(config, "attention_bias", False), rotary=RotaryEmbedding(head_dim, 10000.0),
-        sliding_window=window, key=jax.random.key(0),
+        config.hidden_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        head_dim,
+        use_bias=getattr(config, "attention_bias", False),
+        rotary=RotaryEmbedding(head_dim, 10000.0),
+        sliding_window=window,
+        key=jax.random.key(0),
     )
     return config, ref, copy_from_torch(ours, ref)
 

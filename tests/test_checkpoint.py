@@ -59,15 +59,23 @@ def test_transformers_loads_what_eqxlm_saves(saved, tmp_path):
 
 
 def test_export_of_a_random_model_round_trips_through_transformers(tmp_path):
-    config = eqxlm.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                               rope_scaling=eqxlm.nn.RopeScaling("linear", 2.0))
+    config = eqxlm.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_scaling=eqxlm.nn.RopeScaling("linear", 2.0),
+    )
     model = eqxlm.LlamaForCausalLM(config, key=jax.random.key(3))
     eqxlm.save_pretrained(model, tmp_path)
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     ids = np.arange(12)[None] % 64
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids[0], jnp.int32)).logits),
-                               run_hf(ref, ids).logits[0].numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(model(jnp.asarray(ids[0], jnp.int32)).logits), run_hf(ref, ids).logits[0].numpy(), atol=1e-4, rtol=0
+    )
     again = eqxlm.from_pretrained(tmp_path)
     assert again.config == model.config
     for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(again), strict=True):
@@ -87,8 +95,9 @@ def test_sharded_save_and_load(saved, tmp_path):
     ids = jnp.arange(8, dtype=jnp.int32)
     np.testing.assert_array_equal(np.asarray(again(ids).logits), np.asarray(model(ids).logits))
     hf_sharded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
-    np.testing.assert_array_equal(run_hf(hf_sharded, np.arange(8)[None]).logits.numpy(),
-                                  run_hf(ref, np.arange(8)[None]).logits.numpy())
+    np.testing.assert_array_equal(
+        run_hf(hf_sharded, np.arange(8)[None]).logits.numpy(), run_hf(ref, np.arange(8)[None]).logits.numpy()
+    )
 
 
 def test_bfloat16_loading(saved):
@@ -110,8 +119,11 @@ def test_bloom_without_transformer_prefix(tmp_path):
     path = save_hf(ref, tmp_path / "with")
     tensors = load_file(f"{path}/model.safetensors")
     (tmp_path / "without").mkdir()
-    save_file({k.removeprefix("transformer."): v for k, v in tensors.items()}, tmp_path / "without" / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k.removeprefix("transformer."): v for k, v in tensors.items()},
+        tmp_path / "without" / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     shutil.copy(f"{path}/config.json", tmp_path / "without")
     a, b = eqxlm.from_pretrained(path), eqxlm.from_pretrained(tmp_path / "without")
     ids = jnp.arange(7, dtype=jnp.int32)
@@ -141,8 +153,13 @@ def test_load_by_repo_id_from_hub_cache_offline(saved, tmp_path):
         "float(r(jnp.arange(4, dtype=jnp.int32)).logits.sum()))\n"
         "try:\n    eqxlm.from_pretrained('tiny-org/not-cached')\nexcept FileNotFoundError as e:\n    print('MISSING', e)\n"
     )
-    env = {"HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-           "HOME": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+    env = {
+        "HF_HUB_CACHE": str(tmp_path),
+        "HF_HUB_OFFLINE": "1",
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "JAX_PLATFORMS": "cpu",
+    }
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     cls = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "bloom": "BloomForCausalLM"}[kind]
@@ -166,8 +183,12 @@ def test_missing_unexpected_and_misshapen_are_all_named(llama_dir):
     with pytest.raises(CheckpointError) as info:
         eqxlm.from_pretrained(llama_dir)
     message = str(info.value)
-    for name in ("model.layers.0.mlp.up_proj.weight", "model.norm.weight", "model.layers.0.self_attn.extra.weight",
-                 "model.layers.1.self_attn.q_proj.weight: file (5, 32), model (32, 32)"):
+    for name in (
+        "model.layers.0.mlp.up_proj.weight",
+        "model.norm.weight",
+        "model.layers.0.self_attn.extra.weight",
+        "model.layers.1.self_attn.q_proj.weight: file (5, 32), model (32, 32)",
+    ):
         assert name in message
 
 

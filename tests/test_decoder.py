@@ -24,16 +24,24 @@ def _perturb(module):
     return module.eval()
 
 
-@pytest.mark.parametrize("cls,ours_config,window", [
-    (LlamaDecoderLayer, LlamaConfig, None), (MistralDecoderLayer, MistralConfig, 3)])
+@pytest.mark.parametrize(
+    "cls,ours_config,window", [(LlamaDecoderLayer, LlamaConfig, None), (MistralDecoderLayer, MistralConfig, 3)]
+)
 def test_decoder_layer_matches_hf(cls, ours_config, window):
     kind = "llama" if ours_config is LlamaConfig else "mistral"
     config = hf_config(kind, **({"sliding_window": window} if window else {}))
     config._attn_implementation = "eager"
     ref = _perturb(cls(config, layer_idx=0))
-    ours_cfg = ours_config(vocab_size=96, hidden_size=32, intermediate_size=56, num_hidden_layers=1,
-                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=config.rms_norm_eps,
-                           sliding_window=window)
+    ours_cfg = ours_config(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=config.rms_norm_eps,
+        sliding_window=window,
+    )
     ours = copy_from_torch(_decoder_layer(ours_cfg, jnp.float32, jax.random.key(0)), ref)
     seq = 8
     x = np.random.default_rng(0).normal(size=(seq, 32)).astype(np.float32)
@@ -53,8 +61,12 @@ def test_decoder_layer_matches_hf(cls, ours_config, window):
 def test_bloom_block_matches_hf(post_ln, heads):
     config = hf_config("bloom", hidden_size=heads * 8, n_head=heads, apply_residual_connection_post_layernorm=post_ln)
     ref = _perturb(TorchBloomBlock(config, layer_idx=0))
-    block = BloomModel(BloomConfig(vocab_size=96, hidden_size=heads * 8, n_layer=1, n_head=heads,
-                                   apply_residual_connection_post_layernorm=post_ln), key=jax.random.key(0)).h[0]
+    block = BloomModel(
+        BloomConfig(
+            vocab_size=96, hidden_size=heads * 8, n_layer=1, n_head=heads, apply_residual_connection_post_layernorm=post_ln
+        ),
+        key=jax.random.key(0),
+    ).h[0]
     ours = copy_from_torch(block, ref)
     seq = 7
     x = np.random.default_rng(1).normal(size=(seq, heads * 8)).astype(np.float32)

@@ -60,8 +60,9 @@ def test_prefill_then_decode_steps_equal_one_full_forward(pair):
 
 def _hf_generate(ref, ids, mask, new, **kw):
     with torch.no_grad():
-        return ref.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=new,
-                            do_sample=False, **kw).numpy()
+        return ref.generate(
+            torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=new, do_sample=False, **kw
+        ).numpy()
 
 
 def test_greedy_matches_transformers_single_prompt(pair):
@@ -102,17 +103,26 @@ def test_streamer_sees_every_new_token(pair):
 # -- sampling ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small():
-    config = eqxlm.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
-                                 max_position_embeddings=64, initializer_range=0.3)
+    config = eqxlm.MistralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,
+        max_position_embeddings=64,
+        initializer_range=0.3,
+    )
     return eqxlm.MistralForCausalLM(config, key=jax.random.key(0))
 
 
 def test_top_k_one_equals_greedy(small):
     ids = np.array([[1, 2, 3, 4]])
     greedy = eqxlm.generate(small, ids, max_new_tokens=20, eos_token_id=[])
-    sampled = eqxlm.generate(small, ids, max_new_tokens=20, eos_token_id=[], do_sample=True, top_k=1,
-                             temperature=0.7, key=jax.random.key(5))
+    sampled = eqxlm.generate(
+        small, ids, max_new_tokens=20, eos_token_id=[], do_sample=True, top_k=1, temperature=0.7, key=jax.random.key(5)
+    )
     np.testing.assert_array_equal(np.asarray(sampled), np.asarray(greedy))
 
 
@@ -153,14 +163,17 @@ def test_samples_stay_in_the_allowed_set_and_follow_the_distribution():
     assert np.abs(freq - probs).max() < 0.02
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(do_sample=True, temperature=0.0, key=jax.random.key(0)), "temperature"),
-    (dict(do_sample=True, top_p=0.0, key=jax.random.key(0)), "top_p"),
-    (dict(do_sample=True, top_k=0, key=jax.random.key(0)), "top_k"),
-    (dict(do_sample=True), "key"),
-    (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(max_new_tokens=61), "max_position_embeddings"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(do_sample=True, temperature=0.0, key=jax.random.key(0)), "temperature"),
+        (dict(do_sample=True, top_p=0.0, key=jax.random.key(0)), "top_p"),
+        (dict(do_sample=True, top_k=0, key=jax.random.key(0)), "top_k"),
+        (dict(do_sample=True), "key"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=61), "max_position_embeddings"),
+    ],
+)
 def test_invalid_settings_raise_before_compiling(small, kwargs, match):
     with pytest.raises(ValueError, match=match):
         eqxlm.generate(small, np.array([[1, 2, 3, 4]]), **{"max_new_tokens": 8, **kwargs})
@@ -177,7 +190,8 @@ def test_no_recompile_for_new_prompt_temperature_or_key_in_a_bucket(small):
     kw = dict(max_new_tokens=10, eos_token_id=[], do_sample=True, top_k=8)
     eqxlm.generate(small, np.array([[1, 2, 3]]), temperature=0.9, key=jax.random.key(0), **kw)
     compiles.clear()
-    eqxlm.generate(small, np.array([[4, 5, 6, 7, 8]]), temperature=1.3, key=jax.random.key(9), top_p=0.7,
-                   **{**kw, "max_new_tokens": 12})
+    eqxlm.generate(
+        small, np.array([[4, 5, 6, 7, 8]]), temperature=1.3, key=jax.random.key(9), top_p=0.7, **{**kw, "max_new_tokens": 12}
+    )
     assert bucket_length(3) == bucket_length(5)
     assert not [c for c in compiles], f"recompiled {len(compiles)} time(s)"

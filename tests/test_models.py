@@ -9,8 +9,14 @@ from hf import hf_model, run_hf, save_hf
 
 import eqxlm
 
-LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 CASES = {
     "bloom-4heads": ("bloom", {}),
     "bloom-6heads": ("bloom", {"hidden_size": 48, "n_head": 6}),
@@ -95,8 +101,15 @@ def test_base_model_returns_final_hidden_states(pair):
 
 
 def test_random_init_from_config_and_types():
-    config = eqxlm.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
+    config = eqxlm.MistralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,
+    )
     model = eqxlm.MistralForCausalLM(config, key=jax.random.key(0))
     assert isinstance(model, eqxlm.MistralForCausalLM) and isinstance(model.model, eqxlm.MistralModel)
     assert model.config is config and model.model.layers[0].self_attn.sliding_window == 8
@@ -108,8 +121,7 @@ def test_random_init_from_config_and_types():
 
 
 def test_token_id_out_of_range_is_an_error():
-    config = eqxlm.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                               num_attention_heads=2)
+    config = eqxlm.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)
     model = eqxlm.LlamaForCausalLM(config, key=jax.random.key(0))
     with pytest.raises(Exception, match="token id out of range"):
         model(jnp.array([1, 16], jnp.int32))
@@ -119,13 +131,24 @@ def test_model_surgery_with_tree_at():
     """Parts recombine: swap rotary for ALiBi in a Mistral layer with eqx.tree_at."""
     import equinox as eqx
 
-    config = eqxlm.MistralConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1, sliding_window=None)
+    config = eqxlm.MistralConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        sliding_window=None,
+    )
     model = eqxlm.MistralForCausalLM(config, key=jax.random.key(0))
     attn = model.model.layers[0].self_attn
     alibi = eqxlm.nn.ALiBi(2)
-    swapped = eqx.tree_at(lambda m: (m.model.layers[0].self_attn.rotary, m.model.layers[0].self_attn.alibi),
-                          model, (None, alibi), is_leaf=lambda x: x is None)
+    swapped = eqx.tree_at(
+        lambda m: (m.model.layers[0].self_attn.rotary, m.model.layers[0].self_attn.alibi),
+        model,
+        (None, alibi),
+        is_leaf=lambda x: x is None,
+    )
     assert swapped.model.layers[0].self_attn.alibi is not None and attn.rotary is not None
     out = swapped(jnp.arange(6, dtype=jnp.int32)).logits
     assert out.shape == (6, 32) and not np.allclose(np.asarray(out), np.asarray(model(jnp.arange(6, dtype=jnp.int32)).logits))

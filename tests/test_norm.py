@@ -49,7 +49,8 @@ def test_layernorm_matches_torch():
         ref.weight.copy_(torch.randn(16))
         ref.bias.copy_(torch.randn(16))
     ours = eqx.tree_at(
-        lambda n: (n.weight, n.bias), LayerNorm(16, 1e-5),
+        lambda n: (n.weight, n.bias),
+        LayerNorm(16, 1e-5),
         (jnp.asarray(ref.weight.detach().numpy()), jnp.asarray(ref.bias.detach().numpy())),
     )
     np.testing.assert_allclose(

@@ -21,9 +21,16 @@ from eqxlm.training import (
 
 
 def _tiny(seed=0):
-    config = eqxlm.MistralConfig(vocab_size=48, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
-                                 max_position_embeddings=128)
+    config = eqxlm.MistralConfig(
+        vocab_size=48,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,
+        max_position_embeddings=128,
+    )
     return eqxlm.MistralForCausalLM(config, key=jax.random.key(seed))
 
 
@@ -50,8 +57,7 @@ def test_loss_mask_leaves_targets_out():
 
 def test_train_steps_reduce_the_loss_on_a_repeated_text():
     tokens = np.tile(np.arange(40, dtype=np.int32) % 48, 50)
-    model, history = train(_tiny(), tokens, steps=60, batch_size=8, seq_len=32, learning_rate=3e-3,
-                           progress=False, log_every=10)
+    model, history = train(_tiny(), tokens, steps=60, batch_size=8, seq_len=32, learning_rate=3e-3, progress=False, log_every=10)
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
     assert evaluate(model, tokens[:400], seq_len=32)["loss"] < history[0]["loss"]
 

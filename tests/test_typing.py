@@ -17,8 +17,9 @@ TypeCheckError = Exception  # jaxtyping raises jaxtyping.TypeCheckError (a TypeE
 
 
 def _tiny():
-    config = eqxlm.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                               num_attention_heads=2, num_key_value_heads=1)
+    config = eqxlm.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+    )
     return eqxlm.LlamaForCausalLM(config, key=jax.random.key(0))
 
 
