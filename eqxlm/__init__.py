@@ -23,7 +23,7 @@ Switch the runtime checks off with `EQXLM_TYPECHECK=0` in the environment (see
 `eqxlm._typing`).
 """
 
-from . import models, nn
+from . import models, nn, sharding
 from .checkpoint import CheckpointError, from_pretrained, parameter_count, save_pretrained, state_dict
 from .default import DEFAULT_MODEL, default_model_path
 from .generation import generate
@@ -43,6 +43,7 @@ from .models import (
     ModelOutput,
 )
 from .nn import KVCache
+from .sharding import shard
 
 __version__ = "0.1.0"
 
@@ -70,5 +71,7 @@ __all__ = [
     "nn",
     "parameter_count",
     "save_pretrained",
+    "shard",
+    "sharding",
     "state_dict",
 ]

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors
 import safetensors.numpy
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .default import DEFAULT_MODEL, default_model_path
 from .models import ARCHITECTURES, CausalLM, GenerationConfig
@@ -162,6 +162,8 @@ def from_pretrained(
     dtype=None,
     revision: str | None = None,
     progress: bool | None = None,
+    mesh=None,
+    rules=None,
 ) -> CausalLM:
     """Load a Hugging Face checkpoint as an eqxlm model.
 
@@ -173,6 +175,10 @@ def from_pretrained(
       the checkpoint's own dtype. Tensors are cast one at a time as they are read.
     - `revision`: a hub branch, tag or commit.
     - `progress`: show a progress bar (default: for checkpoints over 256 MB).
+    - `mesh`, `rules`: place each tensor straight onto its shards of a `jax.sharding.Mesh`
+      as it is read, under `rules` (default `eqxlm.sharding.DEFAULT_RULES`): each device's
+      slice is read from the file on its own, so no device or host holds a whole tensor it
+      does not own.
 
     **Returns:** a `BloomForCausalLM`, `MistralForCausalLM` or `LlamaForCausalLM`.
 
@@ -221,9 +227,7 @@ def from_pretrained(
                 if missing or unexpected or misshapen:
                     continue  # an error is coming: check shapes only, load nothing more
                 array = f.get_tensor(file_name)
-                if dtype is not None and jnp.issubdtype(array.dtype, jnp.floating):
-                    array = array.astype(jnp.dtype(dtype))
-                values[index_of[name]] = jnp.asarray(array)
+                values[index_of[name]] = _read(f, file_name, shape, dtype, mesh, rules, name)
                 bar.update()
     bar.close()
     problems = []
@@ -236,6 +240,23 @@ def from_pretrained(
     if problems:
         raise CheckpointError(f"{folder} does not match its config.json ({config.model_type}):\n  " + "\n  ".join(problems))
     return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def _read(f, file_name: str, shape, dtype, mesh, rules, name: str) -> jax.Array:
+    """One tensor, cast to `dtype`; with a mesh, each device reads only its own slice."""
+
+    def cast(array):
+        if dtype is not None and jnp.issubdtype(array.dtype, jnp.floating):
+            array = array.astype(jnp.dtype(dtype))
+        return array
+
+    if mesh is None:
+        return jnp.asarray(cast(f.get_tensor(file_name)))
+    from .sharding import DEFAULT_RULES, _spec
+
+    sharding = jax.sharding.NamedSharding(mesh, _spec(name, shape, mesh, rules or DEFAULT_RULES))
+    tensor = f.get_slice(file_name)
+    return jax.make_array_from_callback(shape, sharding, lambda index: cast(tensor[index]))
 
 
 # -- saving -------------------------------------------------------------------------------

@@ -85,11 +85,16 @@ def _generate(
     buffer: int,
     do_sample: bool,
     streamer: Callable | None,
+    mesh,
 ):
     batch, prompt = input_ids.shape
     base = model.base_model
     cache = model.init_cache(prompt + buffer)
     cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch,) + x.shape), cache)
+    if mesh is not None:  # batch over the data axes, kv heads over tensor
+        from .sharding import cache_shardings
+
+        cache = jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))
 
     def emit(tokens):
         if streamer is not None:
@@ -141,6 +146,7 @@ def generate(
     pad_token_id: int | None = None,
     key: PRNGKeyArray | None = None,
     streamer: Callable[[np.ndarray], None] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Int[Array, "batch total"]:
     """Generate continuations of a batch of prompts, as transformers' `generate`.
 
@@ -158,6 +164,8 @@ def generate(
       afterwards; the loop ends early once every row is finished.
     - `streamer`: called with each step's new tokens (a numpy `(batch,)` array) as they
       are produced.
+    - `mesh`: for a model placed with `eqxlm.shard`: prompts are split over the mesh's
+      batch axes and the KV cache is sharded batch over data, heads over tensor.
 
     **Returns:** `batch x (seq + max_new_tokens)`: the prompts as given, then the new tokens.
 
@@ -197,6 +205,10 @@ def generate(
     prompt = bucket_length(seq)
     padded_ids = np.pad(input_ids, ((0, 0), (prompt - seq, 0)), constant_values=pad_token_id)
     padded_mask = np.pad(mask, ((0, 0), (prompt - seq, 0)))
+    if mesh is not None:
+        from .sharding import shard_batch
+
+        padded_ids, padded_mask = shard_batch(padded_ids, mesh), shard_batch(padded_mask, mesh)
     new = _generate(
         model,
         padded_ids,
@@ -211,5 +223,6 @@ def generate(
         buffer=bucket_length(max_new_tokens),
         do_sample=do_sample,
         streamer=streamer,
+        mesh=mesh,
     )
     return jax.device_put(np.concatenate([input_ids, np.asarray(new)[:, :max_new_tokens]], axis=1))

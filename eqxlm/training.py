@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jaxtyping import Array, Bool, Float, Int
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ._typing import typecheck
 from .nn import BloomBlock, DecoderLayer
@@ -112,12 +112,22 @@ def train_step(
     loss_mask: Bool[Array, "batch seq"] | None = None,
     *,
     optimizer: optax.GradientTransformation,
+    mesh=None,
+    rules=None,
 ):
-    """One optimiser step on a batch. **Returns:** `(model, opt_state, loss)`."""
+    """One optimiser step on a batch. **Returns:** `(model, opt_state, loss)`.
+
+    With a `mesh` (a model placed by `eqxlm.shard`), the updated parameters are pinned to
+    the layout of `rules` (default `eqxlm.sharding.DEFAULT_RULES`) so every step keeps it."""
     loss, grads = eqx.filter_value_and_grad(batch_loss)(model, input_ids, loss_mask)
     with jax.numpy_dtype_promotion("standard"):  # optax mixes int step counts and floats
         updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
-    return eqx.apply_updates(model, updates), opt_state, loss
+    model = eqx.apply_updates(model, updates)
+    if mesh is not None:
+        from .sharding import DEFAULT_RULES, shardings
+
+        model = eqx.filter_shard(model, shardings(model, mesh, rules or DEFAULT_RULES))
+    return model, opt_state, loss
 
 
 def random_batches(tokens: np.ndarray, *, batch_size: int, seq_len: int, seed: int = 0) -> Iterator[np.ndarray]:
