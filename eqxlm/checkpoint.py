@@ -226,7 +226,6 @@ def from_pretrained(
                     continue
                 if missing or unexpected or misshapen:
                     continue  # an error is coming: check shapes only, load nothing more
-                array = f.get_tensor(file_name)
                 values[index_of[name]] = _read(f, file_name, shape, dtype, mesh, rules, name)
                 bar.update()
     bar.close()

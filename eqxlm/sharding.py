@@ -54,11 +54,10 @@ class ShardingError(ValueError):
 
 
 def _spec(name: str, shape: tuple[int, ...], mesh: Mesh, rules) -> P:
-    for pattern, axes in rules:
-        if re.search(pattern, name):
-            break
-    else:
+    match = next(((pattern, axes) for pattern, axes in rules if re.search(pattern, name)), None)
+    if match is None:
         raise ShardingError(f"{name}: no partition rule matches this parameter (add one to `rules`).")
+    pattern, axes = match
     if len(axes) != len(shape):
         raise ShardingError(f"{name}: rule {pattern!r} names {len(axes)} dimensions, the parameter has {len(shape)}.")
     spec = []
