@@ -142,9 +142,14 @@ def _path_name(path) -> str:
     return ".".join(parts)
 
 
+def _is_param(x) -> bool:
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
 def state_dict(model: CausalLM) -> dict[str, jax.Array]:
-    """Every parameter by its Hugging Face name."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(eqx.filter(model, eqx.is_array))
+    """Every parameter by its Hugging Face name (abstract `ShapeDtypeStruct`s too, for a
+    model from `eqx.filter_eval_shape`)."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(eqx.filter(model, _is_param))
     return {_path_name(path): leaf for path, leaf in leaves}
 
 

@@ -86,7 +86,7 @@ def shardings(model, mesh: Mesh, rules=DEFAULT_RULES):
     from .checkpoint import _path_name
 
     def leaf_sharding(path, leaf):
-        if not eqx.is_array_like(leaf) or not hasattr(leaf, "shape"):
+        if not (eqx.is_array(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)):
             return None
         return NamedSharding(mesh, _spec(_path_name(path), tuple(leaf.shape), mesh, rules))
 

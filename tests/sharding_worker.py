@@ -126,6 +126,18 @@ def main(out_path):
         results["indivisible_error"] = None
     except sharding.ShardingError as e:
         results["indivisible_error"] = str(e)
+    # The memory estimate works on an abstract model (nothing allocated) and is exact.
+    abstract = eqx.filter_eval_shape(lambda: eqxlm.LlamaForCausalLM(CONFIGS["llama"], key=jax.random.key(0)))
+    concrete = eqxlm.LlamaForCausalLM(CONFIGS["llama"], key=jax.random.key(0))
+    mesh = sharding.make_mesh((4, 2), ("fsdp", "tensor"))
+    placed = eqxlm.shard(concrete, mesh)
+    by_device = {}
+    for leaf in jax.tree.leaves(eqx.filter(placed, eqx.is_array)):
+        for shard in leaf.addressable_shards:
+            by_device[shard.device] = by_device.get(shard.device, 0) + shard.data.nbytes
+    estimate = sharding.memory_per_device(abstract, mesh)
+    results["memory_estimate"] = {"estimate": estimate["bytes_per_device"], "measured_max": max(by_device.values()),
+                                  "total": estimate["bytes_total"], "params_bytes": 4 * eqxlm.parameter_count(concrete)}
     json.dump(results, open(out_path, "w"), indent=1)
 
 

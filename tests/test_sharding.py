@@ -42,3 +42,9 @@ def test_indivisible_rule_names_parameter_dimension_and_axis(measured):
     message = measured["indivisible_error"]
     assert message is not None
     assert "q_proj.weight" in message and "dimension 0" in message and "'tensor'" in message
+
+
+def test_memory_estimate_on_an_abstract_model_matches_the_placed_shards(measured):
+    m = measured["memory_estimate"]
+    assert m["total"] == m["params_bytes"]
+    assert m["estimate"] == m["measured_max"]

@@ -1,0 +1,255 @@
+"""eqxlm against transformers (PyTorch), same machine, same run, same random weights.
+
+    python benchmarks/bench.py                 # the full suite (~30 min on 2 cores)
+    python benchmarks/bench.py --quick         # small shapes, seconds (the tests run this)
+
+Shapes: a BLOOM-560m-shaped model (vocab 250880, hidden 1024, 24 layers, 16 heads) and a
+Mistral-shaped ~0.5B model (vocab 32000, hidden 1024, intermediate 3584, 16 layers, 16 heads,
+4 kv heads, window 4096), random weights saved once as safetensors under benchmarks/.cache.
+
+Figures (medians over --reps runs, with min/max): prefill tokens/s at prompt 128 and 512
+(batch 1, full logits); decode tokens/s at batch 1 and 8 after a 128-token prompt, excluding
+prefill (the difference between generating 32 and 17 tokens, which share one compiled loop);
+first-call compile seconds for prefill and for the decode loop, also for a 2-layer model of
+the same width; from_pretrained seconds and peak RSS in a fresh process; float32 and bfloat16.
+The machine's roofline (matmul GFLOP/s, weight-streaming GB/s) is measured by the same run, and
+batch-1 decode is also given as a fraction of bandwidth / bytes-per-token.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import eqxlm
+
+HERE = Path(__file__).resolve().parent
+SHAPES = {
+    "mistral-0.5b": eqxlm.MistralConfig(vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_hidden_layers=16,
+                                        num_attention_heads=16, num_key_value_heads=4, sliding_window=4096,
+                                        max_position_embeddings=32768, tie_word_embeddings=False),
+    "bloom-560m": eqxlm.BloomConfig(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16),
+}
+QUICK_SHAPES = {
+    "mistral-tiny": eqxlm.MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=64,
+                                        max_position_embeddings=2048, tie_word_embeddings=False),
+    "bloom-tiny": eqxlm.BloomConfig(vocab_size=512, hidden_size=64, n_layer=4, n_head=4),
+}
+
+
+@dataclasses.dataclass
+class Stat:
+    runs: list
+
+    @property
+    def median(self):
+        return statistics.median(self.runs)
+
+    def cell(self, unit=""):
+        lo, hi = min(self.runs), max(self.runs)
+        return f"{self.median:,.1f}{unit} [{lo:,.1f}-{hi:,.1f}] n={len(self.runs)}"
+
+
+def timed(fn, reps):
+    out = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def decode_rate(batch, t32, t17):
+    """Tokens/s of the 15 extra decode steps; runs whose difference is not positive (noise on
+    tiny shapes) are dropped."""
+    rates = [batch * 15 / (a - c) for a, c in zip(t32, t17, strict=True) if a > c]
+    return Stat(rates or [float("nan")])
+
+
+# -- roofline -----------------------------------------------------------------------------
+def roofline(reps, quick):
+    n = 512 if quick else 2048
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda a: a @ a)
+    mm(a).block_until_ready()
+    flops = [2 * n**3 / t / 1e9 for t in timed(lambda: mm(a).block_until_ready(), reps + 2)]
+    rows = (64 if quick else 256) * 2**20 // (4 * 4096)
+    w = jnp.ones((rows, 4096), jnp.float32)
+    x = jnp.ones((4096,), jnp.float32)
+    mv = jax.jit(lambda w, x: w @ x)
+    mv(w, x).block_until_ready()
+    bandwidth = [w.nbytes / t / 1e9 for t in timed(lambda: mv(w, x).block_until_ready(), reps + 4)]
+    return Stat(flops), Stat(bandwidth)
+
+
+# -- checkpoints --------------------------------------------------------------------------
+def checkpoint(name, config, cache):
+    folder = cache / name
+    if not (folder / "config.json").exists():
+        cls = eqxlm.models.ARCHITECTURES[config.model_type][1]
+        print(f"  writing random weights for {name} to {folder} ...", flush=True)
+        model = cls(config, key=jax.random.key(0))
+        eqxlm.save_pretrained(model, folder, max_shard_size="2GB")
+        del model
+    return folder
+
+
+LOAD_CODE = {
+    "eqxlm": "import eqxlm, jax.numpy as jnp; t=time.perf_counter(); m=eqxlm.from_pretrained(sys.argv[1], dtype=jnp.{dtype}); "
+             "import jax; jax.block_until_ready(m); dt=time.perf_counter()-t",
+    "transformers": "import torch, transformers; t=time.perf_counter(); m=transformers.AutoModelForCausalLM.from_pretrained("
+                    "sys.argv[1], dtype=torch.{dtype}); dt=time.perf_counter()-t",
+}
+
+
+def load_in_fresh_process(lib, folder, dtype):
+    """Seconds of from_pretrained and the process's peak RSS, before and after loading."""
+    code = ("import sys, time, resource; base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            + LOAD_CODE[lib].format(dtype=dtype)
+            + "; print(dt, base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    if lib == "eqxlm":  # count the runtime's baseline after importing it, as for torch
+        code = code.replace("base=resource", "import jax, eqxlm; jax.numpy.zeros(1).block_until_ready(); base=resource", 1)
+    else:
+        code = code.replace("base=resource", "import torch, transformers; base=resource", 1)
+    out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=1800)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    seconds, base_kb, peak_kb = out.stdout.split()[-3:]
+    return float(seconds), int(base_kb) / 2**20, int(peak_kb) / 2**20
+
+
+# -- eqxlm --------------------------------------------------------------------------------
+def bench_eqxlm(folder, dtype, reps, prompts, decode_batches, two_layer_config):
+    model = eqxlm.from_pretrained(folder, dtype=dtype)
+    vocab = model.config.vocab_size
+    res = {}
+    forward = eqx.filter_jit(lambda m, ids: m(ids).logits)
+    for p in prompts:
+        ids = jnp.asarray(np.random.default_rng(p).integers(0, vocab, p), jnp.int32)
+        first = timed(lambda: forward(model, ids).block_until_ready(), 1)[0]
+        steady = Stat([p / t for t in timed(lambda: forward(model, ids).block_until_ready(), reps)])
+        res[f"prefill {p}"] = steady
+        res[f"compile prefill {p} (s)"] = Stat([first - p / steady.median])
+    for b in decode_batches:
+        ids = np.random.default_rng(b).integers(0, vocab, (b, 128)).astype(np.int32)
+
+        def gen(n):
+            return lambda: eqxlm.generate(model, ids, max_new_tokens=n, eos_token_id=[]).block_until_ready()
+
+        first = timed(gen(32), 1)[0]
+        t32, t17 = timed(gen(32), reps), timed(gen(17), reps)
+        rate = decode_rate(b, t32, t17)
+        res[f"decode batch {b}"] = rate
+        if b == decode_batches[0]:
+            res["compile decode loop (s)"] = Stat([first - statistics.median(t32)])
+    # Compile time against depth: the same width with 2 layers.
+    cls = type(model)
+    small = cls(two_layer_config, key=jax.random.key(1), dtype=jnp.dtype(dtype))
+    ids = jnp.asarray(np.arange(prompts[-1]) % vocab, jnp.int32)
+    first = timed(lambda: eqx.filter_jit(lambda m, i: m(i).logits)(small, ids).block_until_ready(), 1)[0]
+    steady = statistics.median(timed(lambda: forward(small, ids).block_until_ready(), reps))
+    res[f"compile prefill {prompts[-1]}, 2 layers (s)"] = Stat([first - steady])
+    gids = np.random.default_rng(0).integers(0, vocab, (decode_batches[0], 128)).astype(np.int32)
+    def small_generate():
+        eqxlm.generate(small, gids, max_new_tokens=32, eos_token_id=[]).block_until_ready()
+
+    first = timed(small_generate, 1)[0]
+    steady = statistics.median(timed(small_generate, reps))
+    res["compile decode loop, 2 layers (s)"] = Stat([first - steady])
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    return res, nbytes
+
+
+# -- transformers -------------------------------------------------------------------------
+def bench_torch(folder, dtype, reps, prompts, decode_batches):
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    vocab = model.config.vocab_size
+    res = {}
+    with torch.inference_mode():
+        for p in prompts:
+            ids = torch.tensor(np.random.default_rng(p).integers(0, vocab, (1, p)))
+            model(ids)
+            res[f"prefill {p}"] = Stat([p / t for t in timed(lambda: model(ids).logits, reps)])
+        for b in decode_batches:
+            ids = torch.tensor(np.random.default_rng(b).integers(0, vocab, (b, 128)))
+
+            def gen(n):
+                return lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                              do_sample=False, pad_token_id=0)
+
+            gen(2)()
+            t32, t17 = timed(gen(32), reps), timed(gen(17), reps)
+            res[f"decode batch {b}"] = decode_rate(b, t32, t17)
+    return res
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes and few runs (seconds)")
+    parser.add_argument("--dtypes", nargs="+", default=None, help="default: float32 bfloat16 (quick: float32)")
+    parser.add_argument("--models", nargs="+", default=None, help="subset of the shapes")
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--cache", type=Path, default=HERE / ".cache")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    reps = args.reps or (2 if args.quick else 3)
+    dtypes = args.dtypes or (["float32"] if args.quick else ["float32", "bfloat16"])
+    prompts = [16, 32] if args.quick else [128, 512]
+    batches = [1, 8]
+    print(f"# eqxlm benchmark, {time.strftime('%Y-%m-%d')}, {platform.machine()} with {os.cpu_count()} cores, "
+          f"jax {jax.__version__}, command: python benchmarks/bench.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    flops, bandwidth = roofline(reps, args.quick)
+    print(f"\nroofline: matmul {flops.cell(' GFLOP/s')}; weight streaming (f32 matrix-vector) {bandwidth.cell(' GB/s')}\n")
+    report = {"roofline": {"gflops": flops.runs, "gbps": bandwidth.runs}, "models": {}}
+    for name, config in shapes.items():
+        if args.models and name not in args.models:
+            continue
+        folder = checkpoint(name, config, args.cache)
+        layers = "num_hidden_layers" if hasattr(config, "num_hidden_layers") else "n_layer"
+        two = dataclasses.replace(config, **{layers: 2})
+        for dtype in dtypes:
+            ours, nbytes = bench_eqxlm(folder, dtype, reps, prompts, batches, two)
+            theirs = bench_torch(folder, dtype, reps, prompts, batches)
+            loads = {lib: load_in_fresh_process(lib, folder, dtype) for lib in ("eqxlm", "transformers")}
+            print(f"## {name}, {dtype} ({nbytes / 1e9:.2f} GB of weights)\n")
+            print("| figure | eqxlm | transformers | eqxlm / transformers |\n|---|---|---|---|")
+            for key, stat in ours.items():
+                unit = "" if "(s)" in key else " tok/s"
+                if key in theirs:
+                    ratio = stat.median / theirs[key].median
+                    print(f"| {key} | {stat.cell(unit)} | {theirs[key].cell(unit)} | {ratio:.2f}x |")
+                else:
+                    print(f"| {key} | {stat.cell(unit)} | none (eager) | |")
+            roof = bandwidth.median * 1e9 / nbytes
+            print(f"| decode batch 1 as a fraction of the roofline ({roof:.1f} tok/s) | "
+                  f"{ours['decode batch 1'].median / roof:.0%} | {theirs['decode batch 1'].median / roof:.0%} | |")
+            for lib, (seconds, base, peak) in loads.items():
+                print(f"| from_pretrained, fresh process: {lib} | {seconds:.2f} s, peak RSS {peak:.2f} GiB "
+                      f"(runtime baseline {base:.2f} GiB, weights {nbytes / 2**30:.2f} GiB) | | |")
+            print()
+            report["models"][f"{name}/{dtype}"] = {
+                "eqxlm": {k: v.runs for k, v in ours.items()}, "transformers": {k: v.runs for k, v in theirs.items()},
+                "load": loads, "weight_bytes": nbytes}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
