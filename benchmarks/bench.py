@@ -9,7 +9,7 @@ Mistral-shaped ~0.5B model (vocab 32000, hidden 1024, intermediate 3584, 16 laye
 
 Figures (medians over --reps runs, with min/max): prefill tokens/s at prompt 128 and 512
 (batch 1, full logits); decode tokens/s at batch 1 and 8 after a 128-token prompt, excluding
-prefill (the difference between generating 32 and 17 tokens, which share one compiled loop);
+prefill (the difference between generating 64 and 33 tokens, which share one compiled loop);
 first-call compile seconds for prefill and for the decode loop, also for a 2-layer model of
 the same width; from_pretrained seconds and peak RSS in a fresh process; float32 and bfloat16.
 The machine's roofline (matmul GFLOP/s, weight-streaming GB/s) is measured by the same run, and
@@ -36,15 +36,31 @@ import eqxlm
 
 HERE = Path(__file__).resolve().parent
 SHAPES = {
-    "mistral-0.5b": eqxlm.MistralConfig(vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_hidden_layers=16,
-                                        num_attention_heads=16, num_key_value_heads=4, sliding_window=4096,
-                                        max_position_embeddings=32768, tie_word_embeddings=False),
+    "mistral-0.5b": eqxlm.MistralConfig(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=3584,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        sliding_window=4096,
+        max_position_embeddings=32768,
+        tie_word_embeddings=False,
+    ),
     "bloom-560m": eqxlm.BloomConfig(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16),
 }
 QUICK_SHAPES = {
-    "mistral-tiny": eqxlm.MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=64,
-                                        max_position_embeddings=2048, tie_word_embeddings=False),
+    "mistral-tiny": eqxlm.MistralConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=64,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    ),
     "bloom-tiny": eqxlm.BloomConfig(vocab_size=512, hidden_size=64, n_layer=4, n_head=4),
 }
 
@@ -71,10 +87,14 @@ def timed(fn, reps):
     return out
 
 
-def decode_rate(batch, t32, t17):
-    """Tokens/s of the 15 extra decode steps; runs whose difference is not positive (noise on
-    tiny shapes) are dropped."""
-    rates = [batch * 15 / (a - c) for a, c in zip(t32, t17, strict=True) if a > c]
+LONG, SHORT = 64, 33  # one max_new_tokens bucket (64): the same compiled loop, 31 steps apart
+
+
+def decode_rate(batch, t_long, t_short):
+    """Tokens/s of the LONG - SHORT extra decode steps (prefill cancels out); pairs whose
+    difference is not positive (noise on tiny shapes) are dropped."""
+    steps = LONG - SHORT
+    rates = [batch * steps / (a - c) for a, c in zip(t_long, t_short, strict=True) if a > c]
     return Stat(rates or [float("nan")])
 
 
@@ -108,21 +128,19 @@ def checkpoint(name, config, cache):
 
 LOAD_CODE = {
     "eqxlm": "import eqxlm, jax.numpy as jnp; t=time.perf_counter(); m=eqxlm.from_pretrained(sys.argv[1], dtype=jnp.{dtype}); "
-             "import jax; jax.block_until_ready(m); dt=time.perf_counter()-t",
+    "import jax; jax.block_until_ready(m); dt=time.perf_counter()-t",
     "transformers": "import torch, transformers; t=time.perf_counter(); m=transformers.AutoModelForCausalLM.from_pretrained("
-                    "sys.argv[1], dtype=torch.{dtype}); dt=time.perf_counter()-t",
+    "sys.argv[1], dtype=torch.{dtype}); dt=time.perf_counter()-t",
 }
 
 
 def load_in_fresh_process(lib, folder, dtype):
     """Seconds of from_pretrained and the process's peak RSS, before and after loading."""
-    code = ("import sys, time, resource; base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            + LOAD_CODE[lib].format(dtype=dtype)
-            + "; print(dt, base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    if lib == "eqxlm":  # count the runtime's baseline after importing it, as for torch
-        code = code.replace("base=resource", "import jax, eqxlm; jax.numpy.zeros(1).block_until_ready(); base=resource", 1)
-    else:
-        code = code.replace("base=resource", "import torch, transformers; base=resource", 1)
+    # Peak RSS from /proc/self/status VmHWM, which belongs to this process image: getrusage's
+    # ru_maxrss survives fork+exec on Linux and would report the (large) parent's peak.
+    hwm = "int([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+    warm = "import jax, eqxlm; jax.numpy.zeros(1).block_until_ready(); " if lib == "eqxlm" else "import torch, transformers; "
+    code = f"import sys, time; {warm}base={hwm}; " + LOAD_CODE[lib].format(dtype=dtype) + f"; print(dt, base, {hwm})"
     out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=1800)
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
@@ -148,12 +166,11 @@ def bench_eqxlm(folder, dtype, reps, prompts, decode_batches, two_layer_config):
         def gen(n):
             return lambda: eqxlm.generate(model, ids, max_new_tokens=n, eos_token_id=[]).block_until_ready()
 
-        first = timed(gen(32), 1)[0]
-        t32, t17 = timed(gen(32), reps), timed(gen(17), reps)
-        rate = decode_rate(b, t32, t17)
-        res[f"decode batch {b}"] = rate
+        first = timed(gen(LONG), 1)[0]
+        t_long, t_short = timed(gen(LONG), reps), timed(gen(SHORT), reps)
+        res[f"decode batch {b}"] = decode_rate(b, t_long, t_short)
         if b == decode_batches[0]:
-            res["compile decode loop (s)"] = Stat([first - statistics.median(t32)])
+            res["compile decode loop (s)"] = Stat([first - statistics.median(t_long)])
     # Compile time against depth: the same width with 2 layers.
     cls = type(model)
     small = cls(two_layer_config, key=jax.random.key(1), dtype=jnp.dtype(dtype))
@@ -162,6 +179,7 @@ def bench_eqxlm(folder, dtype, reps, prompts, decode_batches, two_layer_config):
     steady = statistics.median(timed(lambda: forward(small, ids).block_until_ready(), reps))
     res[f"compile prefill {prompts[-1]}, 2 layers (s)"] = Stat([first - steady])
     gids = np.random.default_rng(0).integers(0, vocab, (decode_batches[0], 128)).astype(np.int32)
+
     def small_generate():
         eqxlm.generate(small, gids, max_new_tokens=32, eos_token_id=[]).block_until_ready()
 
@@ -190,12 +208,13 @@ def bench_torch(folder, dtype, reps, prompts, decode_batches):
             ids = torch.tensor(np.random.default_rng(b).integers(0, vocab, (b, 128)))
 
             def gen(n):
-                return lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                              do_sample=False, pad_token_id=0)
+                return lambda: model.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+                )
 
             gen(2)()
-            t32, t17 = timed(gen(32), reps), timed(gen(17), reps)
-            res[f"decode batch {b}"] = decode_rate(b, t32, t17)
+            t_long, t_short = timed(gen(LONG), reps), timed(gen(SHORT), reps)
+            res[f"decode batch {b}"] = decode_rate(b, t_long, t_short)
     return res
 
 
@@ -207,14 +226,17 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--only-load", action="store_true", help="measure only from_pretrained (seconds, peak RSS)")
     args = parser.parse_args(argv)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     reps = args.reps or (2 if args.quick else 3)
     dtypes = args.dtypes or (["float32"] if args.quick else ["float32", "bfloat16"])
     prompts = [16, 32] if args.quick else [128, 512]
     batches = [1, 8]
-    print(f"# eqxlm benchmark, {time.strftime('%Y-%m-%d')}, {platform.machine()} with {os.cpu_count()} cores, "
-          f"jax {jax.__version__}, command: python benchmarks/bench.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(
+        f"# eqxlm benchmark, {time.strftime('%Y-%m-%d')}, {platform.machine()} with {os.cpu_count()} cores, "
+        f"jax {jax.__version__}, command: python benchmarks/bench.py {' '.join(argv if argv is not None else sys.argv[1:])}"
+    )
     flops, bandwidth = roofline(reps, args.quick)
     print(f"\nroofline: matmul {flops.cell(' GFLOP/s')}; weight streaming (f32 matrix-vector) {bandwidth.cell(' GB/s')}\n")
     report = {"roofline": {"gflops": flops.runs, "gbps": bandwidth.runs}, "models": {}}
@@ -225,9 +247,19 @@ def main(argv=None):
         layers = "num_hidden_layers" if hasattr(config, "num_hidden_layers") else "n_layer"
         two = dataclasses.replace(config, **{layers: 2})
         for dtype in dtypes:
+            loads = {lib: load_in_fresh_process(lib, folder, dtype) for lib in ("eqxlm", "transformers")}
+            if args.only_load:
+                nbytes = sum(f.stat().st_size for f in folder.glob("*.safetensors")) // (2 if dtype != "float32" else 1)
+                print(f"## {name}, {dtype}: from_pretrained in a fresh process\n")
+                for lib, (seconds, base, peak) in loads.items():
+                    print(
+                        f"| {lib} | {seconds:.2f} s | peak RSS {peak:.2f} GiB (runtime baseline {base:.2f} GiB, "
+                        f"weights {nbytes / 2**30:.2f} GiB) |"
+                    )
+                print()
+                continue
             ours, nbytes = bench_eqxlm(folder, dtype, reps, prompts, batches, two)
             theirs = bench_torch(folder, dtype, reps, prompts, batches)
-            loads = {lib: load_in_fresh_process(lib, folder, dtype) for lib in ("eqxlm", "transformers")}
             print(f"## {name}, {dtype} ({nbytes / 1e9:.2f} GB of weights)\n")
             print("| figure | eqxlm | transformers | eqxlm / transformers |\n|---|---|---|---|")
             for key, stat in ours.items():
@@ -238,15 +270,22 @@ def main(argv=None):
                 else:
                     print(f"| {key} | {stat.cell(unit)} | none (eager) | |")
             roof = bandwidth.median * 1e9 / nbytes
-            print(f"| decode batch 1 as a fraction of the roofline ({roof:.1f} tok/s) | "
-                  f"{ours['decode batch 1'].median / roof:.0%} | {theirs['decode batch 1'].median / roof:.0%} | |")
+            print(
+                f"| decode batch 1 as a fraction of the roofline ({roof:.1f} tok/s) | "
+                f"{ours['decode batch 1'].median / roof:.0%} | {theirs['decode batch 1'].median / roof:.0%} | |"
+            )
             for lib, (seconds, base, peak) in loads.items():
-                print(f"| from_pretrained, fresh process: {lib} | {seconds:.2f} s, peak RSS {peak:.2f} GiB "
-                      f"(runtime baseline {base:.2f} GiB, weights {nbytes / 2**30:.2f} GiB) | | |")
+                print(
+                    f"| from_pretrained, fresh process: {lib} | {seconds:.2f} s, peak RSS {peak:.2f} GiB "
+                    f"(runtime baseline {base:.2f} GiB, weights {nbytes / 2**30:.2f} GiB) | | |"
+                )
             print()
             report["models"][f"{name}/{dtype}"] = {
-                "eqxlm": {k: v.runs for k, v in ours.items()}, "transformers": {k: v.runs for k, v in theirs.items()},
-                "load": loads, "weight_bytes": nbytes}
+                "eqxlm": {k: v.runs for k, v in ours.items()},
+                "transformers": {k: v.runs for k, v in theirs.items()},
+                "load": loads,
+                "weight_bytes": nbytes,
+            }
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
 

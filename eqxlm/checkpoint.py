@@ -5,6 +5,7 @@ which eqxlm chose to equal the Hugging Face keys, so the key map is the identity
 files saved from `BloomModel` lack the `transformer.` prefix: both are accepted).
 """
 
+import functools
 import json
 import math
 import os
@@ -228,11 +229,14 @@ def from_pretrained(
                 shape = tuple(f.get_slice(file_name).get_shape())
                 if shape != tuple(want.shape):
                     misshapen.append(f"{file_name}: file {shape}, model {tuple(want.shape)}")
-                    continue
-                if missing or unexpected or misshapen:
-                    continue  # an error is coming: check shapes only, load nothing more
-                values[index_of[name]] = _read(f, file_name, shape, dtype, mesh, rules, name)
-                bar.update()
+    if not (missing or unexpected or misshapen):
+        for file, pairs in by_file.items():
+            header = _SafetensorsHeader(file) if mesh is None else None
+            with safetensors.safe_open(file, framework="numpy") as f:
+                for file_name, name in pairs:
+                    shape = tuple(f.get_slice(file_name).get_shape())
+                    values[index_of[name]] = _read(f, header, file_name, shape, dtype, mesh, rules, name)
+                    bar.update()
     bar.close()
     problems = []
     if missing:
@@ -246,7 +250,76 @@ def from_pretrained(
     return jax.tree_util.tree_unflatten(treedef, values)
 
 
-def _read(f, file_name: str, shape, dtype, mesh, rules, name: str) -> jax.Array:
+class _SafetensorsHeader:
+    """Offsets of a safetensors file's tensors, from its header (an 8-byte little-endian
+    length, then JSON), so that a tensor can be read with one `readinto` into its own numpy
+    buffer. Going through `safe_open`'s memory map instead leaves every page read resident
+    until the file is closed: a second copy of the weights at the end of a load."""
+
+    DTYPES = {
+        "F64": np.float64,
+        "F32": np.float32,
+        "F16": np.float16,
+        "BF16": jnp.bfloat16,
+        "I64": np.int64,
+        "I32": np.int32,
+        "I16": np.int16,
+        "I8": np.int8,
+        "U8": np.uint8,
+        "BOOL": np.bool_,
+    }
+
+    def __init__(self, file: Path):
+        self.file = file
+        with open(file, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            self.entries = json.loads(fh.read(size))
+        self.data_start = 8 + size
+
+    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """Tensor `name` (or a range of its leading-axis rows) in a fresh numpy buffer."""
+        entry = self.entries[name]
+        start, end = entry["data_offsets"]
+        shape = list(entry["shape"])
+        if rows is not None:
+            row_bytes = (end - start) // max(shape[0], 1)
+            first, stop, _ = rows.indices(shape[0])
+            start, end = start + first * row_bytes, start + stop * row_bytes
+            shape[0] = stop - first
+        array = np.empty(shape, dtype=self.DTYPES[entry["dtype"]])
+        with open(self.file, "rb") as fh:
+            fh.seek(self.data_start + start)
+            if fh.readinto(memoryview(array.reshape(-1)).cast("B")) != end - start:
+                raise CheckpointError(f"{self.file}: {name} is truncated.")
+        return array
+
+
+#: Tensors larger than this are read and placed in row chunks of about this size.
+CHUNK_BYTES = 256 * 2**20
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_rows(buffer, rows, start):
+    return jax.lax.dynamic_update_slice_in_dim(buffer, rows, start, axis=0)
+
+
+def _place(header: _SafetensorsHeader, name: str, cast) -> jax.Array:
+    """Read tensor `name` onto the default device. A large tensor goes in row chunks into a
+    donated buffer, so memory peaks at the weights plus one chunk, never two copies of it."""
+    entry = header.entries[name]
+    shape, nbytes = entry["shape"], entry["data_offsets"][1] - entry["data_offsets"][0]
+    if nbytes <= CHUNK_BYTES or len(shape) == 0 or shape[0] < 2:
+        return jax.device_put(cast(header.read(name)))
+    rows = max(1, CHUNK_BYTES // (nbytes // shape[0]))
+    first = cast(header.read(name, slice(0, rows)))
+    buffer = jnp.zeros(shape, first.dtype)
+    for start in range(0, shape[0], rows):
+        chunk = first if start == 0 else cast(header.read(name, slice(start, start + rows)))
+        buffer = _write_rows(buffer, jax.device_put(chunk), start)
+    return buffer
+
+
+def _read(f, header, file_name: str, shape, dtype, mesh, rules, name: str) -> jax.Array:
     """One tensor, cast to `dtype`; with a mesh, each device reads only its own slice."""
 
     def cast(array):
@@ -255,7 +328,7 @@ def _read(f, file_name: str, shape, dtype, mesh, rules, name: str) -> jax.Array:
         return array
 
     if mesh is None:
-        return jnp.asarray(cast(f.get_tensor(file_name)))
+        return _place(header, file_name, cast)
     from .sharding import DEFAULT_RULES, _spec
 
     sharding = jax.sharding.NamedSharding(mesh, _spec(name, shape, mesh, rules or DEFAULT_RULES))

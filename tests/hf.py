@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import transformers
 
+import eqxlm
 from eqxlm.checkpoint import _path_name
 
 TINY = {
@@ -93,3 +94,18 @@ def additive_mask(mask: np.ndarray) -> torch.Tensor:
     """A boolean `[q, k]` mask as transformers' 4-D additive float mask `[1, 1, q, k]`."""
     m = torch.tensor(np.asarray(mask))
     return torch.where(m, 0.0, torch.finfo(torch.float32).min)[None, None]
+
+
+def tiny_mistral(seed: int = 0, **overrides) -> "eqxlm.MistralForCausalLM":
+    """A tiny random eqxlm Mistral (GQA, window 8) for tests that need no oracle."""
+    fields = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,
+        max_position_embeddings=128,
+    )
+    return eqxlm.MistralForCausalLM(eqxlm.MistralConfig(**{**fields, **overrides}), key=jax.random.key(seed))

@@ -136,8 +136,12 @@ def main(out_path):
         for shard in leaf.addressable_shards:
             by_device[shard.device] = by_device.get(shard.device, 0) + shard.data.nbytes
     estimate = sharding.memory_per_device(abstract, mesh)
-    results["memory_estimate"] = {"estimate": estimate["bytes_per_device"], "measured_max": max(by_device.values()),
-                                  "total": estimate["bytes_total"], "params_bytes": 4 * eqxlm.parameter_count(concrete)}
+    results["memory_estimate"] = {
+        "estimate": estimate["bytes_per_device"],
+        "measured_max": max(by_device.values()),
+        "total": estimate["bytes_total"],
+        "params_bytes": 4 * eqxlm.parameter_count(concrete),
+    }
     json.dump(results, open(out_path, "w"), indent=1)
 
 

@@ -247,3 +247,18 @@ def test_ignored_fields_survive_export(llama_dir, tmp_path):
     out = eqxlm.save_pretrained(eqxlm.from_pretrained(llama_dir), tmp_path / "o")
     written = json.loads((out / "config.json").read_text())
     assert written["pretraining_tp"] == 4 and written["_name_or_path"] == "somewhere"
+
+
+def test_chunked_reads_of_large_tensors_are_bitwise_identical(saved, monkeypatch):
+    """Tensors above CHUNK_BYTES are read and placed in row chunks; force that path."""
+    import eqxlm.checkpoint
+
+    kind, _, path = saved
+    whole = eqxlm.from_pretrained(path)
+    monkeypatch.setattr(eqxlm.checkpoint, "CHUNK_BYTES", 1000)
+    chunked = eqxlm.from_pretrained(path, dtype=jnp.bfloat16)
+    reference = eqxlm.from_pretrained(path)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(reference), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked), strict=True):
+        assert np.array_equal(np.asarray(a.astype(jnp.bfloat16)), np.asarray(b))

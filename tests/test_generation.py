@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import LOGITS_ATOL
-from hf import hf_model, save_hf
+from hf import hf_model, save_hf, tiny_mistral
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 import eqxlm
@@ -103,18 +103,7 @@ def test_streamer_sees_every_new_token(pair):
 # -- sampling ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small():
-    config = eqxlm.MistralConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=8,
-        max_position_embeddings=64,
-        initializer_range=0.3,
-    )
-    return eqxlm.MistralForCausalLM(config, key=jax.random.key(0))
+    return tiny_mistral(max_position_embeddings=64, initializer_range=0.3)
 
 
 def test_top_k_one_equals_greedy(small):

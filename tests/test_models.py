@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import LOGITS_ATOL
-from hf import hf_model, run_hf, save_hf
+from hf import hf_model, run_hf, save_hf, tiny_mistral
 
 import eqxlm
 
@@ -101,18 +101,9 @@ def test_base_model_returns_final_hidden_states(pair):
 
 
 def test_random_init_from_config_and_types():
-    config = eqxlm.MistralConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=8,
-    )
-    model = eqxlm.MistralForCausalLM(config, key=jax.random.key(0))
+    model = tiny_mistral()
     assert isinstance(model, eqxlm.MistralForCausalLM) and isinstance(model.model, eqxlm.MistralModel)
-    assert model.config is config and model.model.layers[0].self_attn.sliding_window == 8
+    assert isinstance(model.config, eqxlm.MistralConfig) and model.model.layers[0].self_attn.sliding_window == 8
     assert model(jnp.arange(5, dtype=jnp.int32)).logits.shape == (5, 64)
     std = float(jnp.std(model.model.layers[0].self_attn.q_proj.weight))
     assert 0.015 < std < 0.025  # HF's N(0, initializer_range) initialisation

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from hf import hf_model, save_hf
+from hf import hf_model, save_hf, tiny_mistral
 
 import eqxlm
 from eqxlm.training import (
@@ -21,17 +21,7 @@ from eqxlm.training import (
 
 
 def _tiny(seed=0):
-    config = eqxlm.MistralConfig(
-        vocab_size=48,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=8,
-        max_position_embeddings=128,
-    )
-    return eqxlm.MistralForCausalLM(config, key=jax.random.key(seed))
+    return tiny_mistral(seed, vocab_size=48)
 
 
 def test_loss_matches_transformers_labels_loss(tmp_path):

@@ -79,14 +79,15 @@ class KVCache(eqx.Module):
         stored_slots = jnp.where(valid, block_slots, -1)
         n_real = jnp.sum(valid, dtype=jnp.int32)
         if not self.rolling:
-            ends_past = self.end + seq > self.size
-            keys = eqx.error_if(
-                keys,
-                ends_past,
+            # Checked on the scalar write index, not on the keys: the error's host callback
+            # then never touches (or, under sharding, gathers) a large array.
+            end = eqx.error_if(
+                self.end,
+                self.end + seq > self.size,
                 "KVCache overflow: the block does not fit in the cache; "
                 "allocate a larger cache (prompt length + max_new_tokens).",
             )
-            start = (self.end,)
+            start = (end,)
             new = KVCache(
                 keys=jax.lax.dynamic_update_slice(self.keys, keys, start + (0, 0)),
                 values=jax.lax.dynamic_update_slice(self.values, values, start + (0, 0)),
