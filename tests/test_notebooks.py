@@ -10,12 +10,13 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_the_four_notebooks_exist():
+def test_the_notebooks_exist():
     assert [p.stem for p in NOTEBOOKS] == [
         "01_quickstart",
         "02_parts_and_shapes",
         "03_compose_an_architecture",
         "04_finetune_and_export",
+        "05_sharding",
     ]
 
 
