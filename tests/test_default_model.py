@@ -80,7 +80,9 @@ def test_training_script_is_deterministic_for_its_seed(tmp_path):
 
 @pytest.mark.slow
 def test_training_script_reproduces_the_shipped_quality(tmp_path):
-    """The full run (~15-18 min on 2 cores): same validation loss as the shipped model's log."""
+    """The full run (~12 min on 2 idle cores): the shipped model's loss curve and validation loss.
+    (Measured here: identical to every digit; the tolerance allows float noise elsewhere.)"""
     log = _script(tmp_path, "full")
     shipped = json.loads((eqxlm.default_model_path() / "training_log.json").read_text())
-    np.testing.assert_allclose(log["validation"]["loss"], shipped["validation"]["loss"], rtol=1e-3)
+    np.testing.assert_allclose([h["loss"] for h in log["history"]], [h["loss"] for h in shipped["history"]], rtol=1e-4)
+    np.testing.assert_allclose(log["validation"]["loss"], shipped["validation"]["loss"], rtol=1e-4)
