@@ -36,7 +36,7 @@ class _CompileTimer:
             self.seconds += duration
 
 
-def _fail(message: str) -> "int":
+def _fail(message: str) -> int:
     print(f"eqxlm: error: {message}", file=sys.stderr)
     return 2
 

@@ -7,7 +7,7 @@ the whole batch in one call, then runs every decode step inside one `lax.while_l
 
 **What triggers a compile** (and what does not): a new batch size, prompt-length bucket
 (`bucket_length`: powers of two from 16), `max_new_tokens` bucket (the same buckets),
-number of EOS ids, `do_sample`, `streamer`, or model structure/dtype. A new prompt of the
+number of EOS ids, `do_sample`, `streamer`, `mesh`, or model structure/dtype. A new prompt of the
 same bucket, a new `temperature`, `top_k`, `top_p`, `key` or `max_new_tokens` inside its
 bucket reuses the compiled loop.
 """
