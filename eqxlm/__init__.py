@@ -23,55 +23,90 @@ Switch the runtime checks off with `EQXLM_TYPECHECK=0` in the environment (see
 `eqxlm._typing`).
 """
 
-from . import models, nn, sharding
-from .checkpoint import CheckpointError, from_pretrained, parameter_count, save_pretrained, state_dict
+from . import models, nn, params, sharding, training
+from .checkpoint import CheckpointError, from_pretrained, hf_state_dict, save_pretrained
 from .default import DEFAULT_MODEL, default_model_path
 from .generation import generate
 from .models import (
+    AbstractCausalLM,
+    BaseConfig,
     BloomConfig,
-    BloomForCausalLM,
-    BloomModel,
     CausalLMOutput,
     ConfigError,
+    DecoderLM,
+    DecoderSpec,
     GenerationConfig,
     LlamaConfig,
-    LlamaForCausalLM,
-    LlamaModel,
     MistralConfig,
-    MistralForCausalLM,
-    MistralModel,
     ModelOutput,
+    register,
+    supported_model_types,
 )
-from .nn import KVCache
+from .nn import Cache, KVCache
+from .params import parameter_count, state_dict
 from .sharding import shard
 
 __version__ = "0.1.0"
 
+
+def scan_layers(model):
+    """The same model with its layers stacked and run under `jax.lax.scan` (compile time
+    flat in depth); parameter names and checkpoints are unchanged."""
+    import equinox as eqx
+
+    return eqx.tree_at(lambda m: m.model.layers, model, nn.LayerStack.from_layers(model.model.layers))
+
+
+def unscan_layers(model):
+    """The same model with its layers unrolled again (a tuple; see [`scan_layers`][])."""
+    import equinox as eqx
+
+    layers = model.model.layers
+    return model if not isinstance(layers, nn.LayerStack) else eqx.tree_at(lambda m: m.model.layers, model, layers.unstack())
+
+
+def __getattr__(name: str):
+    """Every registered family's config by class name (`eqxlm.Qwen2Config`), so adding a
+    family needs no line here."""
+    from .models._registry import _REGISTRY
+
+    for config_class, _ in _REGISTRY.values():
+        if config_class.__name__ == name:
+            return config_class
+    raise AttributeError(f"module 'eqxlm' has no attribute {name!r}")
+
+
 __all__ = [
+    "AbstractCausalLM",
+    "BaseConfig",
     "BloomConfig",
-    "BloomForCausalLM",
-    "BloomModel",
+    "Cache",
     "CausalLMOutput",
     "CheckpointError",
     "ConfigError",
+    "DEFAULT_MODEL",
+    "DecoderLM",
+    "DecoderSpec",
     "GenerationConfig",
     "KVCache",
     "LlamaConfig",
-    "LlamaForCausalLM",
-    "LlamaModel",
     "MistralConfig",
-    "MistralForCausalLM",
-    "MistralModel",
     "ModelOutput",
-    "DEFAULT_MODEL",
     "default_model_path",
     "from_pretrained",
     "generate",
+    "hf_state_dict",
     "models",
     "nn",
     "parameter_count",
+    "params",
+    "register",
     "save_pretrained",
+    "scan_layers",
     "shard",
     "sharding",
     "state_dict",
+    "supported_model_types",
+    "training",
+    "unscan_layers",
 ]

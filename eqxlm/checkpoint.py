@@ -1,13 +1,14 @@
 """Hugging Face checkpoints in and out: `config.json` + safetensors, single or sharded.
 
-Parameter names are the model's attribute paths (`model.layers.0.self_attn.q_proj.weight`),
-which eqxlm chose to equal the Hugging Face keys, so the key map is the identity (BLOOM
-files saved from `BloomModel` lack the `transformer.` prefix: both are accepted).
+Parameter names (`eqxlm.params`) are the builder's attribute paths
+(`model.layers.0.self_attn.q_proj.weight`), which are Llama's checkpoint keys; each family's
+key map (`model.key_map()`) says how its checkpoints differ (renamed modules, fused or
+transposed projections, alternative spellings). Works for any model that implements
+`eqxlm.models.AbstractCausalLM` and is registered.
 """
 
 import functools
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -22,7 +23,8 @@ import safetensors.numpy
 from tqdm import tqdm
 
 from .default import DEFAULT_MODEL, default_model_path
-from .models import ARCHITECTURES, CausalLM, GenerationConfig
+from .models import AbstractCausalLM, GenerationConfig, lookup, supported_model_types
+from .params import CheckpointTensor, leaf_specs, param_refs, parameter_count
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -36,8 +38,6 @@ HUB_PATTERNS = [
     "tokenizer_config.json",
     "special_tokens_map.json",
 ]
-#: Tensors some checkpoints carry that eqxlm recomputes (rotary tables) and skips.
-SKIPPED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|(^|\.)attn\.masked_bias$|(^|\.)attn\.bias$")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -103,17 +103,19 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
 
 # -- configs ------------------------------------------------------------------------------
 def load_config(folder: str | os.PathLike):
-    """Read `config.json` into the right architecture's frozen config."""
+    """Read `config.json` into its registered family's frozen config."""
     path = Path(folder) / "config.json"
     if not path.exists():
         raise CheckpointError(f"{folder}: no config.json.")
     raw = json.loads(path.read_text())
     model_type = raw.get("model_type")
-    if model_type not in ARCHITECTURES:
+    try:
+        config_class, _ = lookup(model_type)
+    except KeyError:
         raise CheckpointError(
-            f"{path}: model_type {model_type!r} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})."
-        )
-    return ARCHITECTURES[model_type][0].from_hf(raw)
+            f"{path}: model_type {model_type!r} is not supported (supported: {', '.join(supported_model_types())})."
+        ) from None
+    return config_class.from_hf(raw)
 
 
 def _load_generation_config(folder: Path, config) -> GenerationConfig:
@@ -130,38 +132,18 @@ def _load_generation_config(folder: Path, config) -> GenerationConfig:
     )
 
 
-# -- names <-> leaves ---------------------------------------------------------------------
-def _path_name(path) -> str:
-    parts = []
-    for p in path:
-        if isinstance(p, jax.tree_util.GetAttrKey):
-            parts.append(p.name)
-        elif isinstance(p, jax.tree_util.SequenceKey):
-            parts.append(str(p.idx))
-        else:
-            raise TypeError(f"unexpected pytree key {p!r} in a model")
-    return ".".join(parts)
-
-
-def _is_param(x) -> bool:
-    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
-
-
-def state_dict(model: CausalLM) -> dict[str, jax.Array]:
-    """Every parameter by its Hugging Face name (abstract `ShapeDtypeStruct`s too, for a
-    model from `eqx.filter_eval_shape`)."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(eqx.filter(model, _is_param))
-    return {_path_name(path): leaf for path, leaf in leaves}
-
-
-def _checkpoint_name(name: str, model_type: str, expected: set[str]) -> str:
-    """Map a file's tensor name onto the model's (BLOOM's optional `transformer.` prefix)."""
-    if model_type == "bloom" and name not in expected and f"transformer.{name}" in expected:
-        return f"transformer.{name}"
-    return name
-
-
 # -- loading ------------------------------------------------------------------------------
+def _target_dtype(dtype, stored: set[str]):
+    """The one dtype every weight ends in: the requested one, else the stored weights' (the
+    widest float when they differ)."""
+    if dtype is not None:
+        return jnp.dtype(dtype)
+    floats = [jnp.dtype(_SafetensorsHeader.DTYPES[d]) for d in stored if d in ("F64", "F32", "F16", "BF16")]
+    if not floats:
+        return jnp.dtype(jnp.float32)
+    return max(floats, key=lambda d: (d.itemsize, d == jnp.dtype(jnp.float32)))
+
+
 def from_pretrained(
     path_or_repo_id: str | os.PathLike,
     *,
@@ -170,7 +152,8 @@ def from_pretrained(
     progress: bool | None = None,
     mesh=None,
     rules=None,
-) -> CausalLM:
+    scan_layers: bool = False,
+) -> AbstractCausalLM:
     """Load a Hugging Face checkpoint as an eqxlm model.
 
     **Arguments:**
@@ -182,11 +165,13 @@ def from_pretrained(
     - `revision`: a hub branch, tag or commit.
     - `progress`: show a progress bar (default: for checkpoints over 256 MB).
     - `mesh`, `rules`: place each tensor straight onto its shards of a `jax.sharding.Mesh`
-      as it is read, under `rules` (default `eqxlm.sharding.DEFAULT_RULES`): each device's
-      slice is read from the file on its own, so no device or host holds a whole tensor it
-      does not own.
+      as it is read, under `rules` (default: the model's `partition_rules()`): each
+      device's slice of a plain tensor is read from the file on its own.
+    - `scan_layers`: build the layers stacked and run them with `jax.lax.scan` (checkpoint
+      keys are the same in both layouts).
 
-    **Returns:** a `BloomForCausalLM`, `MistralForCausalLM` or `LlamaForCausalLM`.
+    **Returns:** the registered model class of the checkpoint's `model_type` (for the
+    builder's families, a `DecoderLM`).
 
     The model skeleton is built with `eqx.filter_eval_shape` (no random weights are
     allocated) and filled tensor by tensor, so peak memory stays near one copy of the
@@ -197,47 +182,42 @@ def from_pretrained(
     config = load_config(folder)
     generation_config = _load_generation_config(folder, config)
     files = _tensor_files(folder)
-    model_cls = ARCHITECTURES[config.model_type][1]
-    skeleton = eqx.filter_eval_shape(lambda: model_cls(config, key=jax.random.key(0), generation_config=generation_config))
-    dtype = _dtype(dtype)
+    _, model_cls = lookup(config.model_type)
+    headers = {file: _SafetensorsHeader(file) for file in set(files.values())}
+    stored = {headers[file].entries[name]["dtype"] for name, file in files.items()}
+    dtype = _target_dtype(_dtype(dtype), stored)
+    extra = {"scan_layers": True} if scan_layers else {}
+    skeleton = eqx.filter_eval_shape(
+        lambda: model_cls(config, key=jax.random.key(0), dtype=dtype, generation_config=generation_config, **extra)
+    )
+    key_map = skeleton.key_map()
+    tensors = {t.name: t for t in key_map.checkpoint_tensors(param_refs(skeleton))}
+    ignored = re.compile(key_map.ignored) if key_map.ignored else None
 
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(skeleton)
-    index_of = {_path_name(path): i for i, (path, leaf) in enumerate(leaves) if isinstance(leaf, jax.ShapeDtypeStruct)}
-    expected = set(index_of)
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    unexpected, tied_extra = [], []
+    def known(file_name: str) -> str | None:
+        if file_name in tensors:
+            return file_name
+        for pattern, replacement in key_map.aliases:
+            alias = re.sub(pattern, replacement, file_name)
+            if alias in tensors:
+                return alias
+        return None
+
+    found: dict[str, tuple[str, Path]] = {}
+    unexpected, misshapen = [], []
+    tied = getattr(config, "tie_word_embeddings", False)
     for file_name, file in files.items():
-        name = _checkpoint_name(file_name, config.model_type, expected)
-        if name in expected:
-            by_file.setdefault(file, []).append((file_name, name))
-        elif name == "lm_head.weight" and config.tie_word_embeddings:
-            tied_extra.append(name)  # a tied head saved anyway: it equals the embedding
-        elif not SKIPPED.search(name):
+        name = known(file_name)
+        if name is not None:
+            found[name] = (file_name, file)
+            shape = tuple(headers[file].entries[file_name]["shape"])
+            if shape != tensors[name].shape:
+                misshapen.append(f"{file_name}: file {shape}, model {tensors[name].shape}")
+        elif (ignored and ignored.search(file_name)) or (tied and file_name.endswith("lm_head.weight")):
+            continue  # a recomputed buffer, or a tied head saved anyway (it equals the embedding)
+        else:
             unexpected.append(file_name)
-    present = {name for pairs in by_file.values() for _, name in pairs}
-    missing = sorted(expected - present)
-
-    values: list[Any] = [leaf for _, leaf in leaves]
-    misshapen = []
-    total = sum(f.stat().st_size for f in set(files.values()))
-    show = progress if progress is not None else total > 256 * 2**20
-    bar = tqdm(total=len(present), desc=f"loading {folder.name}", unit="tensor", disable=not show)
-    for file, pairs in by_file.items():
-        with safetensors.safe_open(file, framework="numpy") as f:
-            for file_name, name in pairs:
-                want = leaves[index_of[name]][1]
-                shape = tuple(f.get_slice(file_name).get_shape())
-                if shape != tuple(want.shape):
-                    misshapen.append(f"{file_name}: file {shape}, model {tuple(want.shape)}")
-    if not (missing or unexpected or misshapen):
-        for file, pairs in by_file.items():
-            header = _SafetensorsHeader(file) if mesh is None else None
-            with safetensors.safe_open(file, framework="numpy") as f:
-                for file_name, name in pairs:
-                    shape = tuple(f.get_slice(file_name).get_shape())
-                    values[index_of[name]] = _read(f, header, file_name, shape, dtype, mesh, rules, name)
-                    bar.update()
-    bar.close()
+    missing = sorted(set(tensors) - set(found))
     problems = []
     if missing:
         problems.append(f"missing tensors: {', '.join(missing)}")
@@ -247,7 +227,43 @@ def from_pretrained(
         problems.append(f"misshapen tensors: {'; '.join(sorted(misshapen))}")
     if problems:
         raise CheckpointError(f"{folder} does not match its config.json ({config.model_type}):\n  " + "\n  ".join(problems))
+
+    leaves, treedef = jax.tree_util.tree_flatten(skeleton)
+    values: list[Any] = list(leaves)
+    rules = skeleton.partition_rules() if rules is None else rules
+    specs = leaf_specs(skeleton, mesh, rules) if mesh is not None else {}
+    stacked: dict[int, np.ndarray] = {}  # host buffers of stacked leaves, filled layer by layer
+    total = sum(f.stat().st_size for f in headers)
+    show = progress if progress is not None else total > 256 * 2**20
+    bar = tqdm(total=len(found), desc=f"loading {folder.name}", unit="tensor", disable=not show)
+    cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dtype else a  # noqa: E731
+    for name, tensor in tensors.items():
+        file_name, file = found[name]
+        simple = tensor.fused is None and not tensor.transposed and not tensor.parts[0].index
+        if simple:
+            ref = tensor.parts[0]
+            values[ref.leaf] = _read(headers[file], file, file_name, tensor.shape, cast, mesh, specs.get(ref.leaf))
+        else:
+            for ref, part in zip(tensor.parts, tensor.split(headers[file].read(file_name)), strict=True):
+                if ref.index:
+                    leaf = leaves[ref.leaf]
+                    buffer = stacked.get(ref.leaf)
+                    if buffer is None:
+                        buffer = stacked[ref.leaf] = np.empty(leaf.shape, leaf.dtype)
+                    buffer[ref.index] = cast(part)
+                else:
+                    values[ref.leaf] = _put(cast(part), mesh, specs.get(ref.leaf))
+        bar.update()
+    for leaf, buffer in stacked.items():
+        values[leaf] = _put(buffer, mesh, specs.get(leaf))
+    bar.close()
     return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def _put(array: np.ndarray, mesh, spec) -> jax.Array:
+    if mesh is None:
+        return jax.device_put(array)
+    return jax.device_put(array, jax.sharding.NamedSharding(mesh, spec))
 
 
 class _SafetensorsHeader:
@@ -319,21 +335,14 @@ def _place(header: _SafetensorsHeader, name: str, cast) -> jax.Array:
     return buffer
 
 
-def _read(f, header, file_name: str, shape, dtype, mesh, rules, name: str) -> jax.Array:
-    """One tensor, cast to `dtype`; with a mesh, each device reads only its own slice."""
-
-    def cast(array):
-        if dtype is not None and jnp.issubdtype(array.dtype, jnp.floating):
-            array = array.astype(jnp.dtype(dtype))
-        return array
-
+def _read(header, file: Path, file_name: str, shape, cast, mesh, spec) -> jax.Array:
+    """One plain tensor, cast; with a mesh, each device reads only its own slice."""
     if mesh is None:
         return _place(header, file_name, cast)
-    from .sharding import DEFAULT_RULES, _spec
-
-    sharding = jax.sharding.NamedSharding(mesh, _spec(name, shape, mesh, rules or DEFAULT_RULES))
-    tensor = f.get_slice(file_name)
-    return jax.make_array_from_callback(shape, sharding, lambda index: cast(tensor[index]))
+    sharding = jax.sharding.NamedSharding(mesh, spec)
+    with safetensors.safe_open(file, framework="numpy") as f:
+        tensor = f.get_slice(file_name)
+        return jax.make_array_from_callback(tuple(shape), sharding, lambda index: cast(tensor[index]))
 
 
 # -- saving -------------------------------------------------------------------------------
@@ -348,7 +357,17 @@ def _parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * scale)
 
 
-def save_pretrained(model: CausalLM, out_dir: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
+def hf_state_dict(model: AbstractCausalLM) -> dict[str, np.ndarray]:
+    """Every checkpoint tensor of `model` by its checkpoint key (the model's key map applied:
+    fused projections joined, stacked layers split, transposed weights transposed)."""
+    leaves = jax.tree_util.tree_leaves(model)
+    out = {}
+    for tensor in model.key_map().checkpoint_tensors(param_refs(model)):
+        out[tensor.name] = tensor.join([np.asarray(leaves[ref.leaf][ref.index]) for ref in tensor.parts])
+    return out
+
+
+def save_pretrained(model: AbstractCausalLM, out_dir: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
     """Write `model` as a Hugging Face checkpoint that transformers loads.
 
     Writes `config.json`, `generation_config.json` and `model.safetensors` (with
@@ -359,7 +378,7 @@ def save_pretrained(model: CausalLM, out_dir: str | os.PathLike, *, max_shard_si
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {name: np.asarray(value) for name, value in sorted(state_dict(model).items())}
+    tensors = dict(sorted(hf_state_dict(model).items()))
     limit = _parse_size(max_shard_size)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -399,6 +418,4 @@ def save_pretrained(model: CausalLM, out_dir: str | os.PathLike, *, max_shard_si
     return out
 
 
-def parameter_count(model) -> int:
-    """The number of parameters (array elements) in `model`."""
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+__all__ = ["CheckpointError", "CheckpointTensor", "from_pretrained", "hf_state_dict", "parameter_count", "save_pretrained"]

@@ -115,7 +115,7 @@ def cmd_info(args) -> int:
     folder = checkpoint.resolve(args.model, revision=args.revision)
     model = checkpoint.from_pretrained(folder)
     config = model.config
-    print(f"{type(model).__name__} from {folder}")
+    print(f"{config.architecture} ({config.model_type}, {type(model).__name__}) from {folder}")
     print(f"parameters: {checkpoint.parameter_count(model):,}")
     for name, value in sorted(config.to_hf().items()):
         print(f"  {name}: {value}")

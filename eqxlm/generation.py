@@ -22,7 +22,7 @@ from jax.experimental import io_callback
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ._typing import typecheck
-from .models import CausalLM
+from .models import AbstractCausalLM, broadcast_cache
 
 MIN_BUCKET = 16
 
@@ -89,8 +89,7 @@ def _generate(
 ):
     batch, prompt = input_ids.shape
     base = model.base_model
-    cache = model.init_cache(prompt + buffer)
-    cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch,) + x.shape), cache)
+    cache = broadcast_cache(model.init_cache(prompt + buffer), batch)
     if mesh is not None:  # batch over the data axes, kv heads over tensor
         from .sharding import cache_shardings
 
@@ -133,7 +132,7 @@ def _generate(
 
 @typecheck
 def generate(
-    model: CausalLM,
+    model: AbstractCausalLM,
     input_ids: Int[Array, "batch seq"] | Int[np.ndarray, "batch seq"],
     attention_mask: Int[Array, "batch seq"] | Bool[Array, "batch seq"] | Int[np.ndarray, "batch seq"] | None = None,
     *,
@@ -151,7 +150,8 @@ def generate(
     """Generate continuations of a batch of prompts, as transformers' `generate`.
 
     **Arguments:**
-    - `model`: a causal LM (`from_pretrained` or a constructor).
+    - `model`: any causal LM implementing `eqxlm.models.AbstractCausalLM` (`from_pretrained`,
+      `eqxlm.DecoderLM(config, key=...)`, or a model of your own).
     - `input_ids`: prompts, ragged ones **left**-padded; `attention_mask` 1 = real token
       (default: all real).
     - `max_new_tokens`: tokens to add to every row.

@@ -8,8 +8,11 @@ Partition rules are written **once per kind of weight**, over named mesh axes:
 - `tensor`: tensor (Megatron) parallelism: attention heads and MLP columns split,
   row-parallel output projections reduced by XLA.
 
-A rule maps a regular expression over parameter names (the Hugging Face names, see
-`eqxlm.state_dict`) to one mesh axis (or None) per array dimension. An axis that the mesh
+A rule maps a regular expression over parameter names (see `eqxlm.params`; the builder's
+names are Llama's checkpoint keys for every family) to one mesh axis (or None) per
+dimension of the per-layer tensor; stacked (scanned) layers keep their layer axis unsplit.
+Each model says which rules it uses (`model.partition_rules()`, the family's knowledge);
+the defaults are `eqxlm.params.DEFAULT_RULES`. An axis that the mesh
 does not have is ignored, so the default rules work on any mesh made of these names
 (`("data",)`, `("data", "tensor")`, `("fsdp", "tensor")`, ...).
 
@@ -23,83 +26,58 @@ with a mesh then reads, on each host, only the slices of each tensor that its ow
 """
 
 import math
-import re
 from collections.abc import Sequence
 
-import equinox as eqx
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from .params import DEFAULT_RULES, ShardingError, leaf_specs, param_refs, partition_spec
+
 BATCH_AXES = ("data", "fsdp")
 
-#: (name pattern, one mesh axis or None per dimension). First match wins.
-DEFAULT_RULES: tuple[tuple[str, tuple], ...] = (
-    # embeddings and the head: (vocab, hidden)
-    (r"(embed_tokens|word_embeddings|lm_head)\.weight$", ("tensor", "fsdp")),
-    # column-parallel projections: (out = heads x head_dim | intermediate, in = hidden)
-    (r"(q_proj|k_proj|v_proj|query_key_value|gate_proj|up_proj|dense_h_to_4h)\.weight$", ("tensor", "fsdp")),
-    (r"(q_proj|k_proj|v_proj|query_key_value|gate_proj|up_proj|dense_h_to_4h)\.bias$", ("tensor",)),
-    # row-parallel projections: (out = hidden, in = heads x head_dim | intermediate)
-    (r"(o_proj|self_attention\.dense|down_proj|dense_4h_to_h)\.weight$", ("fsdp", "tensor")),
-    (r"(o_proj|self_attention\.dense|down_proj|dense_4h_to_h)\.bias$", (None,)),
-    # norms: replicated
-    (r"(norm|layernorm|ln_f)\.(weight|bias)$", (None,)),
-)
+__all__ = [
+    "DEFAULT_RULES",
+    "ShardingError",
+    "batch_sharding",
+    "cache_shardings",
+    "describe",
+    "make_mesh",
+    "memory_per_device",
+    "parameter_specs",
+    "shard",
+    "shard_batch",
+    "shardings",
+]
 
 
-class ShardingError(ValueError):
-    """A rule that cannot apply: the message names the parameter, dimension and mesh axis."""
+def _rules(model, rules):
+    if rules is not None:
+        return rules
+    return model.partition_rules() if hasattr(model, "partition_rules") else DEFAULT_RULES
 
 
-def _spec(name: str, shape: tuple[int, ...], mesh: Mesh, rules) -> P:
-    match = next(((pattern, axes) for pattern, axes in rules if re.search(pattern, name)), None)
-    if match is None:
-        raise ShardingError(f"{name}: no partition rule matches this parameter (add one to `rules`).")
-    pattern, axes = match
-    if len(axes) != len(shape):
-        raise ShardingError(f"{name}: rule {pattern!r} names {len(axes)} dimensions, the parameter has {len(shape)}.")
-    spec = []
-    for dim, (axis, size) in enumerate(zip(axes, shape, strict=True)):
-        if axis is None or axis not in mesh.shape:
-            spec.append(None)
-            continue
-        if size % mesh.shape[axis]:
-            raise ShardingError(
-                f"{name}: dimension {dim} (size {size}) is not divisible by mesh axis {axis!r} "
-                f"(size {mesh.shape[axis]}); change the mesh or the rule {pattern!r}."
-            )
-        spec.append(axis)
-    return P(*spec)
+def parameter_specs(model, mesh: Mesh, rules=None) -> dict[str, P]:
+    """The `PartitionSpec` of every parameter, by name (per layer, as a checkpoint holds it)."""
+    rules = _rules(model, rules)
+    return {ref.name: partition_spec(ref.name, ref.shape, mesh, rules) for ref in param_refs(model)}
 
 
-def parameter_specs(model, mesh: Mesh, rules=DEFAULT_RULES) -> dict[str, P]:
-    """The `PartitionSpec` of every parameter, by name."""
-    from .checkpoint import state_dict
-
-    return {name: _spec(name, tuple(leaf.shape), mesh, rules) for name, leaf in state_dict(model).items()}
-
-
-def shardings(model, mesh: Mesh, rules=DEFAULT_RULES):
-    """A pytree like `model` with a `NamedSharding` at every array leaf (None elsewhere)."""
-    from .checkpoint import _path_name
-
-    def leaf_sharding(path, leaf):
-        if not (eqx.is_array(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)):
-            return None
-        return NamedSharding(mesh, _spec(_path_name(path), tuple(leaf.shape), mesh, rules))
-
-    return jax.tree_util.tree_map_with_path(leaf_sharding, model)
+def shardings(model, mesh: Mesh, rules=None):
+    """A pytree like `model` with a `NamedSharding` at every parameter leaf (None elsewhere)."""
+    specs = leaf_specs(model, mesh, _rules(model, rules))
+    leaves, treedef = jax.tree_util.tree_flatten(model)
+    return jax.tree_util.tree_unflatten(
+        treedef, [NamedSharding(mesh, specs[i]) if i in specs else None for i in range(len(leaves))]
+    )
 
 
-def shard(model, mesh: Mesh, rules=DEFAULT_RULES):
+def shard(model, mesh: Mesh, rules=None):
     """Place every parameter of `model` on `mesh` according to `rules` (default: the
-    data / FSDP / tensor-parallel rules above). Returns the sharded model."""
-    params, static = eqx.partition(model, eqx.is_array)
-    specs = shardings(params, mesh, rules)
-    placed = jax.tree.map(lambda x, s: jax.device_put(x, s), params, specs)
-    return eqx.combine(placed, static)
+    model's `partition_rules()`). Returns the sharded model."""
+    targets = shardings(model, mesh, rules)
+    return jax.tree.map(lambda x, s: x if s is None else jax.device_put(x, s), model, targets, is_leaf=lambda x: x is None)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
@@ -114,29 +92,29 @@ def shard_batch(x, mesh: Mesh):
 
 
 def cache_shardings(cache, mesh: Mesh):
-    """KV-cache placement: batch over the batch axes, kv heads over `tensor` (when divisible)."""
+    """KV-cache placement: batch over the batch axes, kv heads over `tensor` (when divisible).
+    Key/value arrays are `(batch, [layers,] cache, kv_heads, head_dim)`."""
     batch = tuple(a for a in BATCH_AXES if a in mesh.shape) or None
     tensor = mesh.shape.get("tensor", 1)
 
     def leaf(x):
-        if x.ndim == 4:  # (batch, cache, kv_heads, head_dim)
-            heads = "tensor" if "tensor" in mesh.shape and x.shape[2] % tensor == 0 else None
-            return NamedSharding(mesh, P(batch, None, heads, None))
+        if x.ndim >= 4:
+            heads = "tensor" if "tensor" in mesh.shape and x.shape[-2] % tensor == 0 else None
+            return NamedSharding(mesh, P(batch, *([None] * (x.ndim - 3)), heads, None))
         return NamedSharding(mesh, P(batch, *([None] * (x.ndim - 1))))
 
     return jax.tree.map(leaf, cache)
 
 
-def memory_per_device(model, mesh: Mesh, rules=DEFAULT_RULES, *, optimizer_states: int = 0) -> dict[str, float]:
+def memory_per_device(model, mesh: Mesh, rules=None, *, optimizer_states: int = 0) -> dict[str, float]:
     """Bytes of parameters (plus `optimizer_states` same-sized copies, 2 for Adam) on each
     device under `rules`: the largest device's share, and the total. Works on an abstract
     model (`eqx.filter_eval_shape`), so it needs no memory to answer."""
-    from .checkpoint import state_dict
-
+    rules = _rules(model, rules)
     per_device = total = 0
-    for name, leaf in state_dict(model).items():
-        spec = _spec(name, tuple(leaf.shape), mesh, rules)
-        nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+    for ref in param_refs(model):
+        spec = partition_spec(ref.name, ref.shape, mesh, rules)
+        nbytes = math.prod(ref.shape) * np.dtype(ref.dtype).itemsize
         split = math.prod(mesh.shape[a] for a in spec if a is not None)
         per_device += nbytes / split
         total += nbytes
@@ -144,7 +122,7 @@ def memory_per_device(model, mesh: Mesh, rules=DEFAULT_RULES, *, optimizer_state
     return {"bytes_per_device": per_device * factor, "bytes_total": total * factor, "devices": mesh.size}
 
 
-def describe(model, mesh: Mesh, rules=DEFAULT_RULES, *, optimizer_states: int = 0) -> str:
+def describe(model, mesh: Mesh, rules=None, *, optimizer_states: int = 0) -> str:
     """A one-line memory estimate for printing."""
     m = memory_per_device(model, mesh, rules, optimizer_states=optimizer_states)
     axes = " x ".join(f"{n}={s}" for n, s in mesh.shape.items())

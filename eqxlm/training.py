@@ -12,6 +12,7 @@ and the notebooks use:
 import math
 import time
 from collections.abc import Iterator
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -22,7 +23,6 @@ from jaxtyping import Array, Bool, Float, Int
 from tqdm import tqdm
 
 from ._typing import typecheck
-from .nn import BloomBlock, DecoderLayer
 
 
 @typecheck
@@ -80,22 +80,25 @@ def make_optimizer(
 
 
 class Remat(eqx.Module):
-    """A decoder layer whose activations are recomputed in the backward pass
-    (`eqx.filter_checkpoint`): less memory for more compute. See `remat_layers`."""
+    """A layer whose activations are recomputed in the backward pass
+    (`eqx.filter_checkpoint`): less memory for more compute. See `remat_layers`.
+    Transparent to parameter names (`eqxlm.params`), so a wrapped model saves as is."""
 
-    layer: DecoderLayer | BloomBlock
+    layer: eqx.Module
+    transparent_field: ClassVar[str] = "layer"
 
-    def __call__(self, *args):
-        return eqx.filter_checkpoint(lambda layer, *a: layer(*a))(self.layer, *args)
-
-
-def _is_layer(x) -> bool:
-    return isinstance(x, (DecoderLayer, BloomBlock))
+    def __call__(self, *args, **kwargs):
+        return eqx.filter_checkpoint(lambda layer, *a: layer(*a, **kwargs))(self.layer, *args)
 
 
 def remat_layers(model):
-    """Wrap every decoder layer in [`Remat`][] (gradient checkpointing)."""
-    return jax.tree.map(lambda x: Remat(x) if _is_layer(x) else x, model, is_leaf=_is_layer)
+    """Wrap every layer of `model` (the instances of its `remat_types`, scanned stacks
+    included) in [`Remat`][] (gradient checkpointing)."""
+    types = tuple(getattr(model, "remat_types", ()))
+    if not types:
+        raise TypeError(f"{type(model).__name__} names no `remat_types`: nothing to rematerialise.")
+    is_layer = lambda x: isinstance(x, types)  # noqa: E731
+    return jax.tree.map(lambda x: Remat(x) if is_layer(x) else x, model, is_leaf=is_layer)
 
 
 def unremat_layers(model):
@@ -118,15 +121,15 @@ def train_step(
     """One optimiser step on a batch. **Returns:** `(model, opt_state, loss)`.
 
     With a `mesh` (a model placed by `eqxlm.shard`), the updated parameters are pinned to
-    the layout of `rules` (default `eqxlm.sharding.DEFAULT_RULES`) so every step keeps it."""
+    the layout of `rules` (default: the model's `partition_rules()`) so every step keeps it."""
     loss, grads = eqx.filter_value_and_grad(batch_loss)(model, input_ids, loss_mask)
     with jax.numpy_dtype_promotion("standard"):  # optax mixes int step counts and floats
         updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
     model = eqx.apply_updates(model, updates)
     if mesh is not None:
-        from .sharding import DEFAULT_RULES, shardings
+        from .sharding import shardings
 
-        model = eqx.filter_shard(model, shardings(model, mesh, rules or DEFAULT_RULES))
+        model = eqx.filter_shard(model, shardings(model, mesh, rules))
     return model, opt_state, loss
 
 

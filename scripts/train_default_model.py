@@ -136,7 +136,7 @@ def main(argv=None) -> None:
         pad_token_id=eos,
         initializer_range=0.02,
     )
-    model = eqxlm.MistralForCausalLM(config, key=jax.random.key(args.seed))
+    model = eqxlm.DecoderLM(config, key=jax.random.key(args.seed))
     print(f"model: {eqxlm.parameter_count(model):,} parameters", flush=True)
     t_train = time.perf_counter()
     model, history = train(

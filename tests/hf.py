@@ -7,7 +7,6 @@ import torch
 import transformers
 
 import eqxlm
-from eqxlm.checkpoint import _path_name
 
 TINY = {
     "llama": dict(
@@ -31,7 +30,11 @@ TINY = {
     ),
     "bloom": dict(vocab_size=96, hidden_size=32, n_layer=2, n_head=4),
 }
-CONFIGS = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "bloom": transformers.BloomConfig}
+CONFIGS = {
+    "llama": transformers.LlamaConfig,
+    "mistral": transformers.MistralConfig,
+    "bloom": transformers.BloomConfig,
+}
 
 
 def hf_config(kind: str, **overrides):
@@ -43,12 +46,16 @@ def hf_model(kind: str, seed: int = 0, **overrides):
 
     Weights are drawn with a larger std than HF's 0.02 init so that logits vary enough
     for parity checks to mean something."""
+    return hf_model_from_config(hf_config(kind, **overrides), seed)
+
+
+def hf_model_from_config(config, seed: int = 0):
+    """`hf_model` for a ready transformers config object."""
     torch.manual_seed(seed)
-    config = hf_config(kind, **overrides)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or "layernorm" in name or name.startswith("transformer.ln_f"):
+            if "norm" in name or "layernorm" in name or ".ln_" in name or name.startswith("transformer.ln_f"):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.2 * torch.randn_like(p))
@@ -64,19 +71,20 @@ def to_jnp(t: torch.Tensor) -> jax.Array:
     return jnp.asarray(t.detach().float().numpy())
 
 
-def copy_from_torch(ours, torch_module, prefix: str = ""):
-    """`ours` with every array leaf replaced by the torch parameter of the same name."""
-    params = {k: v for k, v in torch_module.state_dict().items()}
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(ours)
-    new = []
-    for path, leaf in leaves:
-        if isinstance(leaf, jax.Array):
-            name = prefix + _path_name(path)
-            tensor = params[name]
-            assert tuple(tensor.shape) == leaf.shape, (name, tensor.shape, leaf.shape)
-            new.append(to_jnp(tensor).astype(leaf.dtype))
-        else:
-            new.append(leaf)
+def copy_from_torch(ours, torch_module, prefix: str = "", key_map=None):
+    """`ours` (a part or a whole model) with every parameter replaced by the torch
+    parameter of the same name, through `key_map` (an `eqxlm.params.KeyMap`) when given."""
+    from eqxlm.params import KeyMap, param_refs
+
+    params = dict(torch_module.state_dict())
+    leaves, treedef = jax.tree_util.tree_flatten(ours)
+    new = list(leaves)
+    for tensor in (key_map or KeyMap()).checkpoint_tensors(param_refs(ours)):
+        source = params[prefix + tensor.name].detach().float().numpy()
+        assert tuple(source.shape) == tensor.shape, (tensor.name, source.shape, tensor.shape)
+        for ref, part in zip(tensor.parts, tensor.split(source), strict=True):
+            assert not ref.index, "copy_from_torch takes unstacked layers"
+            new[ref.leaf] = jnp.asarray(part).astype(leaves[ref.leaf].dtype)
     return jax.tree_util.tree_unflatten(treedef, new)
 
 
@@ -96,7 +104,7 @@ def additive_mask(mask: np.ndarray) -> torch.Tensor:
     return torch.where(m, 0.0, torch.finfo(torch.float32).min)[None, None]
 
 
-def tiny_mistral(seed: int = 0, **overrides) -> "eqxlm.MistralForCausalLM":
+def tiny_mistral(seed: int = 0, **overrides) -> "eqxlm.DecoderLM":
     """A tiny random eqxlm Mistral (GQA, window 8) for tests that need no oracle."""
     fields = dict(
         vocab_size=64,
@@ -108,4 +116,4 @@ def tiny_mistral(seed: int = 0, **overrides) -> "eqxlm.MistralForCausalLM":
         sliding_window=8,
         max_position_embeddings=128,
     )
-    return eqxlm.MistralForCausalLM(eqxlm.MistralConfig(**{**fields, **overrides}), key=jax.random.key(seed))
+    return eqxlm.DecoderLM(eqxlm.MistralConfig(**{**fields, **overrides}), key=jax.random.key(seed))

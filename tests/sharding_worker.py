@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
 
 import eqxlm
 from eqxlm import sharding
@@ -59,10 +58,11 @@ def main(out_path):
     ids = rng.integers(1, 96, size=(8, 12)).astype(np.int32)
     mask = np.ones_like(ids)
     mask[3, :5] = 0
-    for arch, config in CONFIGS.items():
-        cls = eqxlm.models.ARCHITECTURES[arch][1]
-        folder = eqxlm.save_pretrained(cls(config, key=jax.random.key(0)), tempfile.mkdtemp())
-        single = eqxlm.from_pretrained(folder)
+    for arch in [*CONFIGS, "llama-scanned"]:
+        config = CONFIGS[arch.split("-")[0]]
+        scanned = arch.endswith("scanned")
+        folder = eqxlm.save_pretrained(eqxlm.DecoderLM(config, key=jax.random.key(0)), tempfile.mkdtemp())
+        single = eqxlm.from_pretrained(folder, scan_layers=scanned)
         forward = eqx.filter_jit(lambda m, i, k: jax.vmap(m)(i, k).logits)
         ref_logits = np.asarray(forward(single, ids, mask))
         ref_tokens = np.asarray(eqxlm.generate(single, ids, mask, max_new_tokens=10, eos_token_id=[]))
@@ -72,16 +72,16 @@ def main(out_path):
         ref_model, _, ref_loss = train_step(single, state, jnp.asarray(ids), optimizer=opt)
         for mesh_name, (shape, axes) in MESHES.items():
             mesh = sharding.make_mesh(shape, axes)
-            model = eqxlm.from_pretrained(folder, mesh=mesh)
-            promised = sharding.parameter_specs(model, mesh)
+            model = eqxlm.from_pretrained(folder, mesh=mesh, scan_layers=scanned)
 
             def as_promised(m):  # same placement (P() and P(None, None) are equivalent)
-                return all(
-                    leaf.sharding.is_equivalent_to(NamedSharding(mesh, promised[n]), leaf.ndim)
-                    for n, leaf in eqxlm.state_dict(m).items()
+                promised = jax.tree.leaves(sharding.shardings(m, mesh))
+                leaves = jax.tree.leaves(eqx.filter(m, eqx.is_array))
+                return len(promised) == len(leaves) and all(
+                    leaf.sharding.is_equivalent_to(want, leaf.ndim) for leaf, want in zip(leaves, promised, strict=True)
                 )
 
-            actual = {n: leaf.sharding.spec for n, leaf in eqxlm.state_dict(model).items()}
+            actual = {r.name: jax.tree.leaves(model)[r.leaf].sharding.spec for r in eqxlm.params.param_refs(model)}
             specs_ok = as_promised(model)
             placed_ok = as_promised(eqxlm.shard(single, mesh))
             sids, smask = sharding.shard_batch(ids, mesh), sharding.shard_batch(mask, mesh)
@@ -110,25 +110,20 @@ def main(out_path):
                 "loss_diff": abs(float(loss) - float(ref_loss)),
                 "param_max_diff": param_diff,
                 "memory": sharding.describe(model, mesh),
-                "tensor_sharded_q": str(
-                    actual.get(
-                        "model.layers.0.self_attn.q_proj.weight",
-                        actual.get("transformer.h.0.self_attention.query_key_value.weight"),
-                    )
-                ),
+                "tensor_sharded_q": str(actual["model.layers.0.self_attn.q_proj.weight"]),
             }
     # A rule that does not divide a dimension names the parameter, the dimension and the axis.
     bad = eqxlm.LlamaConfig(
         vocab_size=96, hidden_size=36, intermediate_size=64, num_hidden_layers=1, num_attention_heads=6, num_key_value_heads=6
     )
     try:
-        eqxlm.shard(eqxlm.LlamaForCausalLM(bad, key=jax.random.key(0)), sharding.make_mesh((8,), ("tensor",)))
+        eqxlm.shard(eqxlm.DecoderLM(bad, key=jax.random.key(0)), sharding.make_mesh((8,), ("tensor",)))
         results["indivisible_error"] = None
     except sharding.ShardingError as e:
         results["indivisible_error"] = str(e)
     # The memory estimate works on an abstract model (nothing allocated) and is exact.
-    abstract = eqx.filter_eval_shape(lambda: eqxlm.LlamaForCausalLM(CONFIGS["llama"], key=jax.random.key(0)))
-    concrete = eqxlm.LlamaForCausalLM(CONFIGS["llama"], key=jax.random.key(0))
+    abstract = eqx.filter_eval_shape(lambda: eqxlm.DecoderLM(CONFIGS["llama"], key=jax.random.key(0)))
+    concrete = eqxlm.DecoderLM(CONFIGS["llama"], key=jax.random.key(0))
     mesh = sharding.make_mesh((4, 2), ("fsdp", "tensor"))
     placed = eqxlm.shard(concrete, mesh)
     by_device = {}

@@ -9,7 +9,8 @@ from transformers.models.bloom.modeling_bloom import bloom_gelu_forward
 from transformers.models.llama.modeling_llama import LlamaMLP
 from transformers.models.mistral.modeling_mistral import MistralMLP
 
-from eqxlm.nn import BloomMLP, GatedMLP, bloom_gelu
+from eqxlm.nn import MLP, GatedMLP, bloom_gelu
+from eqxlm.params import KeyMap
 
 
 def test_bloom_gelu_matches_hf():
@@ -39,6 +40,7 @@ def test_bloom_mlp_matches_hf():
     x = np.random.default_rng(1).normal(size=(5, 32)).astype(np.float32)
     torch.manual_seed(0)
     ref = TorchBloomMLP(hf_config("bloom"))
-    ours = copy_from_torch(BloomMLP(32, key=jax.random.key(0)), ref)
+    bloom_names = KeyMap(renames=((r"^up_proj", "dense_h_to_4h"), (r"^down_proj", "dense_4h_to_h")))
+    ours = copy_from_torch(MLP(32, 128, activation=bloom_gelu, key=jax.random.key(0)), ref, key_map=bloom_names)
     want = ref(torch.tensor(x), torch.zeros(5, 32)).detach().numpy()  # HF adds the residual inside
     np.testing.assert_allclose(np.asarray(jax.vmap(ours)(jnp.asarray(x))), want, atol=PART_ATOL, rtol=0)

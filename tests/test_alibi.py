@@ -5,7 +5,7 @@ import torch
 from conftest import PART_ATOL
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes, build_alibi_tensor
 
-from eqxlm.models._common import resolve_positions
+from eqxlm.models._builder import resolve_positions
 from eqxlm.nn import ALiBi, alibi_slopes
 
 

@@ -12,7 +12,9 @@ from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding, eager_attention_forward, repeat_kv
 from transformers.models.mistral.modeling_mistral import MistralAttention
 
-from eqxlm.nn import ALiBi, Attention, BloomAttention, KVCache, RotaryEmbedding, attention_mask, dot_product_attention
+import eqxlm
+from eqxlm.nn import ALiBi, Attention, RotaryEmbedding, attention_frames, attention_mask, dot_product_attention
+from eqxlm.params import Fused, KeyMap
 
 RNG = np.random.default_rng(0)
 
@@ -51,8 +53,9 @@ def _llama_family(cls, kind, window=None, **overrides):
         config.num_attention_heads,
         config.num_key_value_heads,
         head_dim,
-        use_bias=getattr(config, "attention_bias", False),
-        rotary=RotaryEmbedding(head_dim, 10000.0),
+        qkv_bias=getattr(config, "attention_bias", False),
+        o_bias=getattr(config, "attention_bias", False),
+        position_scheme=RotaryEmbedding(head_dim, 10000.0),
         sliding_window=window,
         key=jax.random.key(0),
     )
@@ -79,7 +82,8 @@ def test_attention_module_matches_hf(cls, kind, window, overrides):
     cos, sin = LlamaRotaryEmbedding(config)(torch.tensor(x), torch.tensor(positions)[None])
     with torch.no_grad():
         want, _ = ref(torch.tensor(x)[None], position_embeddings=(cos, sin), attention_mask=additive_mask(mask))
-    got, _, _ = ours(jnp.asarray(x), jnp.asarray(positions, jnp.int32), jnp.asarray(valid))
+    (frame,), _ = attention_frames((window,), jnp.asarray(positions, jnp.int32), jnp.asarray(valid))
+    got, _, _ = ours(jnp.asarray(x), frame)
     np.testing.assert_allclose(np.asarray(got)[valid], want[0].numpy()[valid], atol=LAYER_ATOL, rtol=0)
 
 
@@ -91,7 +95,11 @@ def test_bloom_attention_matches_hf_with_fused_per_head_qkv(heads):
     with torch.no_grad():
         for p in ref.parameters():
             p.copy_(0.3 * torch.randn_like(p))
-    ours = copy_from_torch(BloomAttention(heads * 8, heads, key=jax.random.key(0)), ref)
+    attn = Attention(heads * 8, heads, qkv_bias=True, o_bias=True, position_scheme=ALiBi(heads), key=jax.random.key(0))
+    bloom_names = KeyMap(
+        renames=((r"^o_proj", "dense"),), fused=(Fused("query_key_value", ("q_proj", "k_proj", "v_proj"), heads),)
+    )
+    ours = copy_from_torch(attn, ref, key_map=bloom_names)
     seq = 8
     x = _randn(seq, heads * 8)
     mask2d = np.array([[0, 1, 1, 1, 1, 1, 1, 1]])
@@ -102,9 +110,32 @@ def test_bloom_attention_matches_hf_with_fused_per_head_qkv(heads):
     with torch.no_grad():
         want, want_w = ref(torch.tensor(x)[None], torch.zeros(1, seq, heads * 8), alibi, additive_mask(mask))
     positions = jnp.asarray(np.maximum(np.cumsum(valid) - 1, 0) * valid, jnp.int32)
-    got, weights, _ = ours(jnp.asarray(x), positions, jnp.asarray(valid))
+    (frame,), _ = attention_frames((None,), positions, jnp.asarray(valid))
+    got, weights, _ = ours(jnp.asarray(x), frame, return_weights=True)
     np.testing.assert_allclose(np.asarray(got)[valid], want[0].numpy()[valid], atol=LAYER_ATOL, rtol=0)
     np.testing.assert_allclose(np.asarray(weights)[:, valid], want_w[0].numpy()[:, valid], atol=LAYER_ATOL, rtol=0)
+
+
+def _cache(size, window, rolling):
+    """A one-layer model cache of `size` entries for attention of `window`."""
+    from eqxlm.nn import Cache, KVCache, SlotTable
+
+    zero = jnp.zeros((), jnp.int32)
+    return Cache(
+        layers=(KVCache.init(size, 2, 8),),
+        tables=(SlotTable.init(size, rolling=rolling),),
+        end=zero,
+        next_position=zero,
+        windows=(window,),
+    )
+
+
+def _run(attn, x, positions, valid, cache=None):
+    frames, cache = attention_frames((attn.sliding_window,), positions, valid, cache)
+    out, _, layer = attn(x, frames[0], None if cache is None else cache.layers[0])
+    return out, None if cache is None else eqxlm.nn.Cache(
+        cache.layers[:0] + (layer,), cache.tables, cache.end, cache.next_position, cache.windows
+    )
 
 
 @pytest.mark.parametrize("window", [None, 3])
@@ -112,33 +143,33 @@ def test_bloom_attention_matches_hf_with_fused_per_head_qkv(heads):
 def test_cached_blocks_equal_one_full_pass(window, position_scheme):
     """Prefill 5 tokens, then 1, 1, 3, 1: the same outputs as attending over all 11 at once,
     with a linear cache and (for a window) a rolling buffer of the window's size."""
-    rotary = RotaryEmbedding(8, 10000.0) if position_scheme == "rotary" else None
-    alibi = ALiBi(4) if position_scheme == "alibi" else None
-    attn = Attention(32, 4, 2, 8, rotary=rotary, alibi=alibi, sliding_window=window, key=jax.random.key(1))
+    scheme = RotaryEmbedding(8, 10000.0) if position_scheme == "rotary" else ALiBi(4)
+    attn = Attention(32, 4, 2, 8, position_scheme=scheme, sliding_window=window, key=jax.random.key(1))
     seq = 11
     x = jnp.asarray(_randn(seq, 32))
     positions = jnp.arange(seq, dtype=jnp.int32)
     valid = jnp.ones(seq, bool)
-    full, _, _ = attn(x, positions, valid)
-    for cache in (KVCache.init(seq, 2, 8), KVCache.init(window or seq, 2, 8, rolling=window is not None)):
+    full, _ = _run(attn, x, positions, valid)
+    for cache in (_cache(seq, window, False), _cache(window or seq, window, window is not None)):
         outs, start = [], 0
         for size in (5, 1, 1, 3, 1):
-            out, _, cache = attn(x[start : start + size], positions[start : start + size], valid[start : start + size], cache)
+            block = slice(start, start + size)
+            out, cache = _run(attn, x[block], positions[block], valid[block], cache)
             outs.append(out)
             start += size
         np.testing.assert_allclose(np.asarray(jnp.concatenate(outs)), np.asarray(full), atol=LAYER_ATOL, rtol=0)
 
 
 def test_linear_cache_overflow_is_an_error():
-    attn = Attention(16, 2, key=jax.random.key(0), rotary=RotaryEmbedding(8, 10000.0))
-    cache = KVCache.init(4, 2, 8)
-    x = jnp.ones((5, 16))
+    attn = Attention(16, 2, position_scheme=RotaryEmbedding(8, 10000.0), key=jax.random.key(0))
     with pytest.raises(Exception, match="KVCache overflow"):
-        attn(x, jnp.arange(5, dtype=jnp.int32), jnp.ones(5, bool), cache)
+        _run(attn, jnp.ones((5, 16)), jnp.arange(5, dtype=jnp.int32), jnp.ones(5, bool), _cache(4, None, False))
 
 
-def test_attention_weights_are_returned_per_head():
+def test_attention_weights_are_returned_per_head_only_when_asked():
     attn = Attention(16, 2, key=jax.random.key(0))
-    _, weights, _ = attn(jnp.ones((3, 16)), jnp.arange(3, dtype=jnp.int32), jnp.ones(3, bool))
+    (frame,), _ = attention_frames((None,), jnp.arange(3, dtype=jnp.int32), jnp.ones(3, bool))
+    _, weights, _ = attn(jnp.ones((3, 16)), frame, return_weights=True)
     assert weights.shape == (2, 3, 3)
     np.testing.assert_allclose(np.asarray(weights.sum(-1)), 1.0, atol=1e-6)
+    assert attn(jnp.ones((3, 16)), frame)[1] is None

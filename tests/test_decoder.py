@@ -11,9 +11,8 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 
 from eqxlm.models import BloomConfig, LlamaConfig, MistralConfig
-from eqxlm.models.bloom import BloomModel
-from eqxlm.models.llama import _decoder_layer
-from eqxlm.nn import attention_mask
+from eqxlm.models._builder import make_layer
+from eqxlm.nn import attention_frames, attention_mask
 
 
 def _perturb(module):
@@ -40,9 +39,9 @@ def test_decoder_layer_matches_hf(cls, ours_config, window):
         num_attention_heads=4,
         num_key_value_heads=2,
         rms_norm_eps=config.rms_norm_eps,
-        sliding_window=window,
+        **({"sliding_window": window} if ours_config is MistralConfig else {}),
     )
-    ours = copy_from_torch(_decoder_layer(ours_cfg, jnp.float32, jax.random.key(0)), ref)
+    ours = copy_from_torch(make_layer(ours_cfg.decoder_spec(), 0, jnp.float32, jax.random.key(0)), ref)
     seq = 8
     x = np.random.default_rng(0).normal(size=(seq, 32)).astype(np.float32)
     slots = jnp.arange(seq, dtype=jnp.int32)
@@ -52,7 +51,8 @@ def test_decoder_layer_matches_hf(cls, ours_config, window):
     with torch.no_grad():
         want = ref(torch.tensor(x)[None], attention_mask=additive_mask(mask), position_embeddings=cos_sin)
     want = want[0] if isinstance(want, tuple) else want
-    got, _, _ = ours(jnp.asarray(x), jnp.asarray(positions, jnp.int32), jnp.ones(seq, bool))
+    (frame,), _ = attention_frames((window,), jnp.asarray(positions, jnp.int32), jnp.ones(seq, bool))
+    got, _, _ = ours(jnp.asarray(x), frame)
     np.testing.assert_allclose(np.asarray(got), want[0].numpy(), atol=LAYER_ATOL, rtol=0)
 
 
@@ -61,18 +61,17 @@ def test_decoder_layer_matches_hf(cls, ours_config, window):
 def test_bloom_block_matches_hf(post_ln, heads):
     config = hf_config("bloom", hidden_size=heads * 8, n_head=heads, apply_residual_connection_post_layernorm=post_ln)
     ref = _perturb(TorchBloomBlock(config, layer_idx=0))
-    block = BloomModel(
-        BloomConfig(
-            vocab_size=96, hidden_size=heads * 8, n_layer=1, n_head=heads, apply_residual_connection_post_layernorm=post_ln
-        ),
-        key=jax.random.key(0),
-    ).h[0]
-    ours = copy_from_torch(block, ref)
+    config = BloomConfig(
+        vocab_size=96, hidden_size=heads * 8, n_layer=1, n_head=heads, apply_residual_connection_post_layernorm=post_ln
+    )
+    block = make_layer(config.decoder_spec(), 0, jnp.float32, jax.random.key(0))
+    ours = copy_from_torch(block, ref, key_map=config.key_map())  # BLOOM's names apply inside a block too
     seq = 7
     x = np.random.default_rng(1).normal(size=(seq, heads * 8)).astype(np.float32)
     slots = jnp.arange(seq, dtype=jnp.int32)
     alibi = build_alibi_tensor(torch.ones(1, seq, dtype=torch.long), heads, torch.float32)
     with torch.no_grad():
         want, _ = ref(torch.tensor(x)[None], alibi, additive_mask(np.asarray(attention_mask(slots, slots))))
-    got, _, _ = ours(jnp.asarray(x), slots, jnp.ones(seq, bool))
+    (frame,), _ = attention_frames((None,), slots, jnp.ones(seq, bool))
+    got, _, _ = ours(jnp.asarray(x), frame)
     np.testing.assert_allclose(np.asarray(got), want[0].numpy(), atol=LAYER_ATOL, rtol=0)

@@ -24,7 +24,7 @@ def _prompt_ids(folder, text="The return statement"):
 def test_default_model_loads_by_name_offline():
     folder = eqxlm.default_model_path()
     model = eqxlm.from_pretrained(eqxlm.DEFAULT_MODEL)
-    assert isinstance(model, eqxlm.MistralForCausalLM)
+    assert isinstance(model, eqxlm.DecoderLM) and isinstance(model.config, eqxlm.MistralConfig)
     config = model.config
     assert config.sliding_window is not None and config.kv_heads < config.num_attention_heads
     log = json.loads((folder / "training_log.json").read_text())

@@ -45,7 +45,7 @@ def test_prefill_then_decode_steps_equal_one_full_forward(pair):
     full = jax.vmap(model)(ids, mask).logits
     cache = jax.vmap(lambda _: model.init_cache(14))(jnp.arange(3))
     if name.startswith("mistral"):
-        assert cache[0].rolling and cache[0].keys.shape[1] == 4
+        assert cache.tables[0].rolling and cache.layers[0].keys.shape[1] == 4
     step = jax.jit(jax.vmap(lambda i, m, c: model(i, m, cache=c)))
     out = step(ids[:, :6], mask[:, :6], cache)
     pieces, cache = [out.logits], out.cache

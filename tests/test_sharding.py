@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-CASES = [f"{a}-{m}" for a in ("llama", "mistral", "bloom") for m in ("data8", "data2_tensor4", "fsdp4_tensor2")]
+CASES = [f"{a}-{m}" for a in ("llama", "mistral", "bloom", "llama-scanned") for m in ("data8", "data2_tensor4", "fsdp4_tensor2")]
 
 
 @pytest.fixture(scope="module")

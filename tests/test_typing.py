@@ -19,7 +19,7 @@ def _tiny():
     config = eqxlm.LlamaConfig(
         vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
     )
-    return eqxlm.LlamaForCausalLM(config, key=jax.random.key(0))
+    return eqxlm.DecoderLM(config, key=jax.random.key(0))
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "filter_jit"])

@@ -1,39 +1,43 @@
-"""Models composed from `eqxlm.nn`: one file per family, each a short recipe.
+"""Models: the contract, the Llama-like builder, and one file per family.
 
-`ARCHITECTURES` maps a `config.json` `model_type` to its config and causal-LM classes;
-adding an architecture means adding a file and a line here (see the README's porting
-guide).
+- `_contract.py`: [`AbstractCausalLM`][], the one interface every tool is written against.
+- `_builder.py`: [`DecoderSpec`][] (a family's choices) and [`DecoderLM`][] (builds any spec).
+- `_config.py`: `BaseConfig`, the strict `config.json` reader every family config uses.
+- `_registry.py`: `model_type` -> (config class, model class).
+- `<family>.py`: a config with Hugging Face field names, its spec and key map.
+
+The registry, one line per family (importing a family file registers it):
 """
 
-from ._common import CausalLMOutput, GenerationConfig, ModelOutput
+from . import bloom as bloom
+from . import llama as llama
+from . import mistral as mistral
+from ._builder import Decoder, DecoderLM, DecoderSpec, NormSpec, RopeSpec
 from ._config import BaseConfig, ConfigError
-from .bloom import BloomConfig, BloomForCausalLM, BloomModel
-from .llama import LlamaConfig, LlamaForCausalLM, LlamaModel
-from .mistral import MistralConfig, MistralForCausalLM, MistralModel
-
-ARCHITECTURES: dict[str, tuple[type[BaseConfig], type]] = {
-    "bloom": (BloomConfig, BloomForCausalLM),
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-}
-
-CausalLM = BloomForCausalLM | LlamaForCausalLM | MistralForCausalLM
+from ._contract import AbstractCausalLM, CausalLMOutput, GenerationConfig, ModelOutput, broadcast_cache
+from ._registry import families_table, lookup, register, supported_model_types
+from .bloom import BloomConfig
+from .llama import LlamaConfig
+from .mistral import MistralConfig
 
 __all__ = [
-    "ARCHITECTURES",
+    "AbstractCausalLM",
     "BaseConfig",
     "BloomConfig",
-    "BloomForCausalLM",
-    "BloomModel",
-    "CausalLM",
     "CausalLMOutput",
     "ConfigError",
+    "Decoder",
+    "DecoderLM",
+    "DecoderSpec",
     "GenerationConfig",
     "LlamaConfig",
-    "LlamaForCausalLM",
-    "LlamaModel",
     "MistralConfig",
-    "MistralForCausalLM",
-    "MistralModel",
     "ModelOutput",
+    "NormSpec",
+    "RopeSpec",
+    "broadcast_cache",
+    "families_table",
+    "lookup",
+    "register",
+    "supported_model_types",
 ]

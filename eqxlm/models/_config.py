@@ -20,31 +20,30 @@ class ConfigError(ValueError):
 
 # Bookkeeping that `save_pretrained` writes afresh: accepted, not kept.
 REGENERATED = frozenset({"architectures", "dtype", "torch_dtype", "transformers_version"})
-# Fields every transformers config may carry that never change the forward pass (kept verbatim).
-COMMON_IGNORED = frozenset(
-    {
-        "_name_or_path",
-        "architectures",
-        "dtype",
-        "torch_dtype",
-        "transformers_version",
-        "use_cache",
-        "output_attentions",
-        "output_hidden_states",
-        "return_dict",
-        "id2label",
-        "label2id",
-        "problem_type",
-        "chunk_size_feed_forward",
-        "is_encoder_decoder",
-        "attention_dropout",
-        "hidden_dropout",
-        "use_return_dict",
-        "tokenizer_class",
-        "_attn_implementation",
-        "_attn_implementation_autoset",
-    }
-)
+#: Fields any transformers config may carry that cannot change the forward pass, with why
+#: (kept verbatim and written back on export).
+COMMON_IGNORED: dict[str, str] = {
+    "_name_or_path": "bookkeeping",
+    "architectures": "bookkeeping (rewritten on export)",
+    "dtype": "bookkeeping; the loader reads it as the default dtype",
+    "torch_dtype": "bookkeeping; the loader reads it as the default dtype",
+    "transformers_version": "bookkeeping",
+    "use_cache": "a runtime switch of transformers' forward; eqxlm's cache is an argument",
+    "output_attentions": "a runtime switch; eqxlm's is an argument",
+    "output_hidden_states": "a runtime switch; eqxlm's is an argument",
+    "return_dict": "a runtime switch of transformers' output type",
+    "use_return_dict": "a runtime switch of transformers' output type",
+    "id2label": "classification heads only",
+    "label2id": "classification heads only",
+    "problem_type": "classification heads only",
+    "chunk_size_feed_forward": "a memory-saving loop with identical results",
+    "is_encoder_decoder": "always false for decoder-only models",
+    "attention_dropout": "dropout: training only (eqxlm's forward is deterministic)",
+    "hidden_dropout": "dropout: training only",
+    "tokenizer_class": "tokenizer bookkeeping",
+    "_attn_implementation": "transformers' kernel choice, same numbers",
+    "_attn_implementation_autoset": "transformers' kernel choice, same numbers",
+}
 
 
 def _eos_tuple(value) -> tuple[int, ...] | None:
@@ -62,11 +61,10 @@ class BaseConfig:
     architecture: ClassVar[str]
     #: HF name -> dataclass field, for the fields this architecture handles.
     hf_fields: ClassVar[dict[str, str]]
-    #: Fields on top of COMMON_IGNORED that this architecture's transformers class ignores.
-    ignored_fields: ClassVar[frozenset[str]] = frozenset()
+    #: Fields on top of COMMON_IGNORED that cannot change this family's numbers, with why.
+    ignored_fields: ClassVar[dict[str, str]] = {}
 
     vocab_size: int
-    hidden_size: int
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     bos_token_id: int | None = 1
@@ -78,6 +76,32 @@ class BaseConfig:
     def __post_init__(self):
         if isinstance(self.eos_token_id, (int, list)):
             object.__setattr__(self, "eos_token_id", _eos_tuple(self.eos_token_id))
+
+    def check_spec(self):
+        """Build the family's spec once, so a choice eqxlm lacks is refused at construction."""
+        try:
+            self.decoder_spec()
+        except NotImplementedError:
+            pass
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    # -- family knowledge ---------------------------------------------------------------
+    def decoder_spec(self):
+        """The family's [`DecoderSpec`][eqxlm.models.DecoderSpec] (builder families)."""
+        raise NotImplementedError(f"{type(self).__name__} builds no DecoderLM; register its own model class.")
+
+    def key_map(self):
+        """How parameter names map onto this family's checkpoint keys (identity by default)."""
+        from ..params import KeyMap
+
+        return KeyMap()
+
+    def partition_rules(self):
+        """Sharding rules over parameter names (`eqxlm.params.DEFAULT_RULES` by default)."""
+        from ..params import DEFAULT_RULES
+
+        return DEFAULT_RULES
 
     # -- reading -----------------------------------------------------------------------
     @classmethod
@@ -110,7 +134,9 @@ class BaseConfig:
             )
         if "eos_token_id" in kwargs:
             kwargs["eos_token_id"] = _eos_tuple(kwargs["eos_token_id"])
-        return cls(**kwargs, extra=tuple(sorted(extra)))
+        config = cls(**kwargs, extra=tuple(sorted(extra)))
+        config.check_spec()
+        return config
 
     # -- writing -----------------------------------------------------------------------
     def to_hf(self) -> dict[str, Any]:

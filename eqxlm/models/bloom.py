@@ -1,30 +1,19 @@
-"""BLOOM: embeddings -> LayerNorm -> N x (LayerNorm, ALiBi attention, LayerNorm, 4h GELU MLP) -> LayerNorm -> tied head."""
+"""BLOOM: embeddings -> LayerNorm -> N x (LayerNorm, ALiBi attention, LayerNorm, 4h GELU MLP) -> LayerNorm -> tied head.
+
+Builder choices: LayerNorm everywhere, an embedding LayerNorm, ALiBi, biases on every
+projection, a plain MLP with BLOOM's GELU, `residual_from_norm` for
+`apply_residual_connection_post_layernorm`. Key map: `transformer.h.{i}.self_attention`,
+the fused `query_key_value` interleaved per head, `dense_h_to_4h`/`dense_4h_to_h`; files
+saved from `BloomModel` lack the `transformer.` prefix (an alias).
+"""
 
 import dataclasses
 from typing import Any, ClassVar
 
-import equinox as eqx
-import jax
-import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
-
-from .._typing import typecheck
-from ..nn import BloomAttention, BloomBlock, BloomMLP, LayerNorm
-from ..nn._linear import make_linear
-from ._common import (
-    Cache,
-    CausalLMOutput,
-    GenerationConfig,
-    ModelOutput,
-    causal_lm_output,
-    embed,
-    init_cache,
-    init_weights,
-    lm_logits,
-    resolve_positions,
-    run_layers,
-)
+from ..params import Fused, KeyMap
+from ._builder import DecoderSpec, NormSpec
 from ._config import BaseConfig, ConfigError
+from ._registry import register
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,6 +31,11 @@ class BloomConfig(BaseConfig):
 
     model_type: ClassVar[str] = "bloom"
     architecture: ClassVar[str] = "BloomForCausalLM"
+    features: ClassVar[str] = (
+        "ALiBi (any head count), embedding LayerNorm, fused per-head `query_key_value`, BLOOM GELU, "
+        "`apply_residual_connection_post_layernorm`, tied head"
+    )
+    refused: ClassVar[str] = "`slow_but_exact` with `pretraining_tp > 1`"
     hf_fields: ClassVar[dict[str, str]] = {
         name: name
         for name in (
@@ -60,8 +54,9 @@ class BloomConfig(BaseConfig):
             "slow_but_exact",
         )
     }
-    ignored_fields: ClassVar[frozenset[str]] = frozenset(
-        {
+    ignored_fields: ClassVar[dict[str, str]] = {
+        name: "a switch of the original Megatron training code that transformers' BLOOM ignores"
+        for name in (
             "attention_softmax_in_fp32",
             "bias_dropout_fusion",
             "masked_softmax_fusion",
@@ -71,8 +66,8 @@ class BloomConfig(BaseConfig):
             "seq_length",
             "n_inner",
             "unk_token_id",
-        }
-    )
+        )
+    }
 
     vocab_size: int = 250880
     hidden_size: int = 64
@@ -110,113 +105,45 @@ class BloomConfig(BaseConfig):
                 raw[name] = value
         return raw
 
-
-class BloomModel(eqx.Module):
-    """The BLOOM decoder without a head: returns final hidden states (`BloomModel`)."""
-
-    word_embeddings: eqx.nn.Embedding
-    word_embeddings_layernorm: LayerNorm
-    h: tuple[BloomBlock, ...]
-    ln_f: LayerNorm
-    config: BloomConfig = eqx.field(static=True)
-
-    def __init__(self, config: BloomConfig, *, key: PRNGKeyArray, dtype=jnp.float32):
-        """Layers from `config` (`BloomForCausalLM` re-initialises as transformers does)."""
-        k_embed, *k_layers = jax.random.split(key, config.n_layer + 1)
-        d, eps = config.hidden_size, config.layer_norm_epsilon
-        self.word_embeddings = eqx.nn.Embedding(config.vocab_size, d, dtype=dtype, key=k_embed)
-        self.word_embeddings_layernorm = LayerNorm(d, eps, dtype=dtype)
-        self.h = tuple(
-            BloomBlock(
-                input_layernorm=LayerNorm(d, eps, dtype=dtype),
-                self_attention=BloomAttention(d, config.n_head, dtype=dtype, key=jax.random.fold_in(k, 0)),
-                post_attention_layernorm=LayerNorm(d, eps, dtype=dtype),
-                mlp=BloomMLP(d, dtype=dtype, key=jax.random.fold_in(k, 1)),
-                apply_residual_connection_post_layernorm=config.apply_residual_connection_post_layernorm,
-            )
-            for k in k_layers
+    def decoder_spec(self) -> DecoderSpec:
+        return DecoderSpec(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=4 * self.hidden_size,
+            num_layers=self.n_layer,
+            num_heads=self.n_head,
+            num_kv_heads=self.n_head,
+            head_dim=self.hidden_size // self.n_head,
+            norm=NormSpec("layer", self.layer_norm_epsilon),
+            layer_windows=(None,) * self.n_layer,
+            residual_from_norm=self.apply_residual_connection_post_layernorm,
+            embedding_norm=True,
+            positions="alibi",
+            rope=None,
+            qkv_bias=True,
+            o_bias=True,
+            mlp="plain",
+            activation="bloom_gelu",
+            mlp_bias=True,
+            tie_word_embeddings=self.tie_word_embeddings,
+            initializer_range=self.initializer_range,
         )
-        self.ln_f = LayerNorm(d, eps, dtype=dtype)
-        self.config = config
 
-    @typecheck
-    def __call__(
-        self,
-        input_ids: Int[Array, " seq"],
-        attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
-        positions: Int[Array, " seq"] | None = None,
-        cache: Cache | None = None,
-        *,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ) -> ModelOutput:
-        """As [`LlamaModel.__call__`][]; `positions` are ALiBi's key positions."""
-        valid, positions = resolve_positions(input_ids, attention_mask, positions, cache)
-        x = jax.vmap(self.word_embeddings_layernorm)(embed(self.word_embeddings, input_ids))
-        return run_layers(self.h, x, positions, valid, cache, self.ln_f, output_hidden_states, output_attentions)
-
-    def init_cache(self, max_length: int, *, dtype=None) -> Cache:
-        """An empty per-layer cache for sequences up to `max_length` tokens."""
-        dtype = self.word_embeddings.weight.dtype if dtype is None else dtype
-        return init_cache(self.h, lambda block: block.self_attention, max_length, dtype)
-
-
-class BloomForCausalLM(eqx.Module):
-    """BLOOM with its language-model head (`BloomForCausalLM`), tied to the input
-    embedding unless the config says `tie_word_embeddings: false`."""
-
-    transformer: BloomModel
-    lm_head: eqx.nn.Linear | None
-    config: BloomConfig = eqx.field(static=True)
-    generation_config: GenerationConfig | None = eqx.field(static=True, default=None)
-
-    def __init__(
-        self,
-        config: BloomConfig,
-        *,
-        key: PRNGKeyArray,
-        dtype=jnp.float32,
-        generation_config: GenerationConfig | None = None,
-    ):
-        """Random initialisation from `config`, as transformers initialises."""
-        k_model, k_head, k_init = jax.random.split(key, 3)
-        transformer = BloomModel(config, key=k_model, dtype=dtype)
-        lm_head = None if config.tie_word_embeddings else make_linear(config.hidden_size, config.vocab_size, False, dtype, k_head)
-        self.transformer, self.lm_head = init_weights((transformer, lm_head), config.initializer_range, k_init)
-        self.config = config
-        self.generation_config = generation_config
-
-    @property
-    def base_model(self) -> BloomModel:
-        return self.transformer
-
-    @typecheck
-    def logits(self, hidden: Float[Array, "seq hidden"]) -> Float[Array, "seq vocab"]:
-        """The head alone: vocabulary logits for final hidden states."""
-        return lm_logits(self.lm_head, self.transformer.word_embeddings, hidden)
-
-    @typecheck
-    def __call__(
-        self,
-        input_ids: Int[Array, " seq"],
-        attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
-        positions: Int[Array, " seq"] | None = None,
-        cache: Cache | None = None,
-        *,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ) -> CausalLMOutput:
-        """As [`BloomModel.__call__`][], returning `logits` in a [`CausalLMOutput`][]."""
-        out = self.transformer(
-            input_ids,
-            attention_mask,
-            positions,
-            cache,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
+    def key_map(self) -> KeyMap:
+        return KeyMap(
+            renames=(
+                (r"^model\.embed_tokens\.", "transformer.word_embeddings."),
+                (r"^model\.embed_norm\.", "transformer.word_embeddings_layernorm."),
+                (r"^model\.norm\.", "transformer.ln_f."),
+                (r"^model\.layers\.", "transformer.h."),
+                (r"(^|\.)self_attn\.o_proj\.", r"\1self_attention.dense."),
+                (r"(^|\.)self_attn\.", r"\1self_attention."),
+                (r"(^|\.)mlp\.up_proj\.", r"\1mlp.dense_h_to_4h."),
+                (r"(^|\.)mlp\.down_proj\.", r"\1mlp.dense_4h_to_h."),
+            ),
+            fused=(Fused("query_key_value", ("q_proj", "k_proj", "v_proj"), heads=self.n_head),),
+            aliases=((r"^(?!transformer\.|lm_head\.)", "transformer."),),
         )
-        return causal_lm_output(out, self.logits(out.last_hidden_state))
 
-    def init_cache(self, max_length: int, *, dtype=None) -> Cache:
-        """See [`BloomModel.init_cache`][]."""
-        return self.transformer.init_cache(max_length, dtype=dtype)
+
+register(BloomConfig)

@@ -1,43 +1,109 @@
-"""Mistral: Llama's recipe with a sliding-window attention mask and no projection biases.
+"""Mistral: Llama's layout with a sliding-window attention mask and no projection biases.
 
-The classes below differ from Llama's only by their config type; the computation is
-`llama.py`'s. `sliding_window: null` (Mistral v0.2+) means full causal attention.
+`sliding_window: null` (Mistral v0.2+) means full causal attention.
 """
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from .llama import _LLAMA_FAMILY_FIELDS, LlamaConfig, LlamaForCausalLM, LlamaModel
+from ..nn import RopeScaling
+from ._builder import DecoderSpec, NormSpec, RopeSpec
+from ._config import BaseConfig, ConfigError, rope_from_hf, rope_to_hf
+from ._registry import register
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MistralConfig(LlamaConfig):
+class MistralConfig(BaseConfig):
     """Mistral's configuration (`transformers.MistralConfig` names and defaults).
 
-    Unlike Llama's, it has `sliding_window` (default 4096; null = none) and no
-    `attention_bias` / `mlp_bias` fields (transformers' Mistral has no biases, so eqxlm
-    refuses a config that asks for them).
+    `sliding_window` (default 4096; null = none); no `attention_bias` / `mlp_bias`
+    (transformers' Mistral has no biases, so eqxlm refuses a config that asks for them).
     """
 
     model_type: ClassVar[str] = "mistral"
     architecture: ClassVar[str] = "MistralForCausalLM"
-    hf_fields: ClassVar[dict[str, str]] = {**_LLAMA_FAMILY_FIELDS, "sliding_window": "sliding_window"}
-    ignored_fields: ClassVar[frozenset[str]] = frozenset()
+    features: ClassVar[str] = "Llama's layout with a sliding window (`i - W < j <= i`; `null` = none), rolling O(window) cache"
+    refused: ClassVar[str] = "other `rope_type`s"
+    hf_fields: ClassVar[dict[str, str]] = {
+        name: name
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "hidden_act",
+            "max_position_embeddings",
+            "rms_norm_eps",
+            "rope_theta",
+            "rope_scaling",
+            "sliding_window",
+            "tie_word_embeddings",
+            "initializer_range",
+            "bos_token_id",
+            "eos_token_id",
+            "pad_token_id",
+        )
+    }
 
+    vocab_size: int = 32000
+    hidden_size: int = 4096
     intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
     num_key_value_heads: int | None = 8
+    head_dim: int | None = None
+    hidden_act: str = "silu"
     max_position_embeddings: int = 4096 * 32
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
     sliding_window: int | None = 4096
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_attention_heads % self.kv_heads:
+            raise ConfigError(
+                f"num_key_value_heads ({self.kv_heads}) must divide num_attention_heads ({self.num_attention_heads})."
+            )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"sliding_window must be >= 1 or null, got {self.sliding_window}.")
 
-class MistralModel(LlamaModel):
-    """The Mistral decoder without a head (`MistralModel`)."""
+    @property
+    def kv_heads(self) -> int:
+        return self.num_attention_heads if self.num_key_value_heads is None else self.num_key_value_heads
 
-    config_class: ClassVar[type] = MistralConfig
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def _normalise(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        return rope_from_hf(raw)
+
+    def to_hf(self) -> dict[str, Any]:
+        out = super().to_hf()
+        out["rope_parameters"] = rope_to_hf(out.pop("rope_theta"), out.pop("rope_scaling"))
+        return out
+
+    def decoder_spec(self) -> DecoderSpec:
+        return DecoderSpec(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_layers=self.num_hidden_layers,
+            num_heads=self.num_attention_heads,
+            num_kv_heads=self.kv_heads,
+            head_dim=self.dim_per_head,
+            norm=NormSpec("rms", self.rms_norm_eps),
+            layer_windows=(self.sliding_window,) * self.num_hidden_layers,
+            rope=RopeSpec(self.rope_theta, self.rope_scaling),
+            activation=self.hidden_act,
+            tie_word_embeddings=self.tie_word_embeddings,
+            initializer_range=self.initializer_range,
+        )
 
 
-class MistralForCausalLM(LlamaForCausalLM):
-    """Mistral with its language-model head (`MistralForCausalLM`)."""
-
-    config_class: ClassVar[type] = MistralConfig
-    base_model_class: ClassVar[type] = MistralModel
+register(MistralConfig)

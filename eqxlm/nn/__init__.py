@@ -2,52 +2,69 @@
 
 | file | parts |
 |---|---|
-| `_norm.py` | `RMSNorm`, `LayerNorm` |
-| `_activations.py` | `bloom_gelu` |
-| `_mlp.py` | `GatedMLP` (Llama/Mistral), `BloomMLP` |
-| `_rotary.py` | `RotaryEmbedding`, `RopeScaling`, `rope_inverse_frequencies` |
+| `_norm.py` | `RMSNorm` (Llama / Gemma / OLMo numerics), `LayerNorm` (with or without bias) |
+| `_activations.py` | `ACTIVATIONS` by `hidden_act` name, `bloom_gelu`, `gelu_new`, ... |
+| `_mlp.py` | `GatedMLP` (SwiGLU / GeGLU), `MLP` (plain two-layer) |
+| `_positions.py` | `AbstractPositionScheme`: rotate queries/keys, or bias scores |
+| `_rotary.py` | `RotaryEmbedding` (rotate-half or interleaved, partial), `RopeScaling`, `rope_inverse_frequencies` |
 | `_alibi.py` | `ALiBi`, `alibi_slopes` |
 | `_masks.py` | `causal_mask`, `sliding_window_mask`, `padding_mask`, `attention_mask` |
-| `_attention.py` | `dot_product_attention`, `attend`, `Attention`, `BloomAttention` |
-| `_kv_cache.py` | `KVCache` |
-| `_decoder.py` | `DecoderLayer` (pre-norm), `BloomBlock` |
+| `_kv_cache.py` | `KVCache` (one layer), `SlotTable` (one attention kind), `Cache` (a model's) |
+| `_attention.py` | `dot_product_attention`, `AttentionFrame`, `attention_frames`, `Attention` |
+| `_decoder.py` | `DecoderLayer` (sequential or parallel residual, any norm placement) |
+| `_stack.py` | `LayerStack` (scanned layers), `run_layers`, `plan_segments` |
 | `_linear.py` | `linear`, `make_linear` (around `eqx.nn.Linear`) |
 """
 
-from ._activations import bloom_gelu
+from ._activations import ACTIVATIONS, bloom_gelu, gelu_exact, gelu_fast, gelu_new, gelu_tanh
 from ._alibi import ALiBi, alibi_slopes
-from ._attention import Attention, BloomAttention, attend, dot_product_attention
-from ._decoder import BloomBlock, DecoderLayer
-from ._kv_cache import KVCache
+from ._attention import Attention, AttentionFrame, attention_frames, dot_product_attention
+from ._decoder import DecoderLayer, feed_forward
+from ._kv_cache import Cache, CacheWrite, KVCache, SlotTable
 from ._linear import linear, make_linear
 from ._masks import attention_mask, causal_mask, padding_mask, sliding_window_mask
-from ._mlp import BloomMLP, GatedMLP
+from ._mlp import MLP, GatedMLP
 from ._norm import LayerNorm, RMSNorm
+from ._positions import AbstractPositionScheme
 from ._rotary import SUPPORTED_ROPE_TYPES, RopeScaling, RotaryEmbedding, rope_inverse_frequencies
+from ._stack import LayerStack, plan_segments, regroup, run_layers
 
 __all__ = [
+    "ACTIVATIONS",
     "ALiBi",
+    "AbstractPositionScheme",
     "Attention",
-    "BloomAttention",
-    "BloomBlock",
-    "BloomMLP",
+    "AttentionFrame",
+    "Cache",
+    "CacheWrite",
     "DecoderLayer",
     "GatedMLP",
     "KVCache",
     "LayerNorm",
+    "LayerStack",
+    "MLP",
     "RMSNorm",
     "RopeScaling",
     "RotaryEmbedding",
     "SUPPORTED_ROPE_TYPES",
+    "SlotTable",
     "alibi_slopes",
-    "attend",
+    "attention_frames",
     "attention_mask",
     "bloom_gelu",
     "causal_mask",
     "dot_product_attention",
+    "feed_forward",
+    "gelu_exact",
+    "gelu_fast",
+    "gelu_new",
+    "gelu_tanh",
     "linear",
     "make_linear",
     "padding_mask",
+    "plan_segments",
+    "regroup",
     "rope_inverse_frequencies",
+    "run_layers",
     "sliding_window_mask",
 ]

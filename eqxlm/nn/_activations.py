@@ -1,5 +1,8 @@
-"""Activation functions that must match Hugging Face bit for bit."""
+"""Activation functions by their Hugging Face names (`hidden_act`), each as transformers computes it."""
 
+import math
+
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -17,3 +20,40 @@ def bloom_gelu(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
     the exact value and differs in the last bits, so it is not used here.
     """
     return x * 0.5 * (1.0 + jnp.tanh(0.79788456 * x * (1.0 + 0.044715 * x * x)))
+
+
+@typecheck
+def gelu_new(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
+    r"""GPT-2's `gelu_new` (`NewGELUActivation`): $\tfrac12 x (1 + \tanh(\sqrt{2/\pi}(x + 0.044715 x^3)))$."""
+    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))))
+
+
+@typecheck
+def gelu_exact(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
+    """The exact (erf) GELU, torch's `nn.functional.gelu` (HF `gelu`)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+@typecheck
+def gelu_tanh(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
+    """torch's `gelu(approximate="tanh")` (HF `gelu_pytorch_tanh`, Gemma's `hidden_activation`)."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+@typecheck
+def gelu_fast(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
+    r"""HF `gelu_fast`: $\tfrac12 x (1 + \tanh(0.7978845608\, x (1 + 0.044715 x^2)))$."""
+    return 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+#: `hidden_act` names eqxlm implements, each matching transformers' `ACT2FN` entry.
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": gelu_exact,
+    "gelu_new": gelu_new,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_fast": gelu_fast,
+    "relu": jax.nn.relu,
+    "bloom_gelu": bloom_gelu,
+}

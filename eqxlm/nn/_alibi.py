@@ -8,6 +8,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from .._typing import typecheck
+from ._positions import AbstractPositionScheme
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -31,7 +32,7 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
     return np.asarray(slopes, dtype=np.float32)
 
 
-class ALiBi(eqx.Module):
+class ALiBi(AbstractPositionScheme):
     r"""ALiBi bias from per-key positions: $\mathrm{bias}_{h,j} = m_h \cdot \mathrm{pos}_j$.
 
     BLOOM adds `slope * key_position` to every query's scores, relying on the softmax
@@ -48,3 +49,9 @@ class ALiBi(eqx.Module):
         """**Arguments:** `key_positions`. **Returns:** the float32 bias for every head."""
         slopes = jnp.asarray(alibi_slopes(self.num_heads))
         return slopes[:, None] * key_positions.astype(jnp.float32)[None, :]
+
+    def rotate(self, x, positions):
+        return x
+
+    def bias(self, key_positions):
+        return self(key_positions)

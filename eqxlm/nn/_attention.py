@@ -1,4 +1,11 @@
-"""Attention: one scaled-dot-product core and the two projection layouts around it."""
+"""Attention: the scaled-dot-product core, the per-forward frame of masks and cache writes,
+and the projection module around them.
+
+The split follows gpt-fast and equinox: `dot_product_attention(q, k, v, mask, bias)` is a
+pure function; position handling is a part of its own (an [`AbstractPositionScheme`][]
+that rotates or biases); masks and cache bookkeeping are built **once per forward** per
+attention kind ([`attention_frames`][]) and handed to every layer of that kind.
+"""
 
 import equinox as eqx
 import jax
@@ -7,10 +14,11 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .._typing import typecheck
 from ._alibi import ALiBi
-from ._kv_cache import KVCache
+from ._kv_cache import Cache, CacheWrite, KVCache
 from ._linear import linear, make_linear
 from ._masks import attention_mask
-from ._rotary import RotaryEmbedding
+from ._norm import LayerNorm, RMSNorm
+from ._positions import AbstractPositionScheme
 
 
 @typecheck
@@ -21,26 +29,32 @@ def dot_product_attention(
     mask: Bool[Array, "#seq kv_seq"] | None = None,
     bias: Float[Array, " heads #seq kv_seq"] | None = None,
     scale: float | None = None,
-) -> tuple[Float[Array, "seq heads head_dim"], Float[Array, "heads seq kv_seq"]]:
+    *,
+    softcap: float | None = None,
+    return_weights: bool = True,
+) -> tuple[Float[Array, "seq heads head_dim"], Float[Array, "heads seq kv_seq"] | None]:
     r"""Scaled dot-product attention with grouped queries.
 
-    $$\mathrm{softmax}\!\left(\mathrm{bias} + s\, q k^\top \;\big|\; \mathrm{mask}\right) v$$
+    $$\mathrm{softmax}\!\left(\mathrm{bias} + \mathrm{cap}(s\, q k^\top) \;\big|\; \mathrm{mask}\right) v,
+    \qquad \mathrm{cap}(x) = c \tanh(x / c)$$
 
     - **Grouped-query attention**: with `heads = kv_heads * g`, key/value head `j` serves
       query heads `j*g ... j*g + g - 1` (transformers' `repeat_kv`, i.e.
       `repeat_interleave`). The queries are reshaped into groups instead of materialising
       repeated keys and values.
-    - Scores are computed in the input dtype; the bias (e.g. ALiBi, float32) is cast to it
-      first, and masked entries take the dtype's minimum, as transformers does. The softmax
-      runs **in float32** and its result is cast back, as `softmax(..., dtype=float32)` in
+    - Scores are computed in the input dtype, scaled, soft-capped when `softcap` is set
+      (Gemma 2), then the bias (e.g. ALiBi, float32) is cast to that dtype and added, and
+      masked entries take the dtype's minimum, as transformers does. The softmax runs **in
+      float32** and its result is cast back, as `softmax(..., dtype=float32)` in
       transformers. A row with no visible key (a query at a padding token) gets uniform
       weights instead of NaN; its output is meaningless and should be ignored.
 
     **Arguments:** `query`, `key`, `value`; `mask` (True = may attend; broadcasts over
-    queries); `bias` (additive, per head); `scale` (default `head_dim ** -0.5`).
+    queries); `bias` (additive, per head); `scale` (default `head_dim ** -0.5`); `softcap`;
+    `return_weights` (static: the weights are returned only when asked for).
 
-    **Returns:** the attended values and the float attention weights (`heads seq kv_seq`,
-    in the input dtype).
+    **Returns:** the attended values, and the attention weights (`heads seq kv_seq`, in the
+    input dtype) or None.
     """
     seq, heads, head_dim = query.shape
     kv_seq, kv_heads, _ = key.shape
@@ -52,63 +66,85 @@ def dot_product_attention(
     q = query.reshape(seq, kv_heads, groups, head_dim)
     scores = jnp.einsum("skgd,tkd->kgst", q, key.astype(dtype)) * jnp.asarray(scale, dtype)
     scores = scores.reshape(heads, seq, kv_seq)
+    if softcap is not None:
+        scores = jnp.tanh(scores / jnp.asarray(softcap, dtype)) * jnp.asarray(softcap, dtype)
     if bias is not None:
         scores = bias.astype(dtype) + scores
     if mask is not None:
         scores = jnp.where(mask[None], scores, jnp.finfo(dtype).min)
     weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
     out = jnp.einsum("kgst,tkd->skgd", weights.reshape(kv_heads, groups, seq, kv_seq), value.astype(dtype))
-    return out.reshape(seq, heads, head_dim), weights
+    return out.reshape(seq, heads, head_dim), weights if return_weights else None
+
+
+class AttentionFrame(eqx.Module):
+    """What every attention layer of one kind needs for a block of `seq` tokens: the
+    tokens' position ids (for rotary), the mask over the keys attended to, those keys'
+    position ids (for ALiBi) and where the block goes in the cache (None without one).
+    Built once per forward by [`attention_frames`][]."""
+
+    positions: Int[Array, " seq"]
+    mask: Bool[Array, "seq kv_seq"]
+    key_positions: Int[Array, " kv_seq"]
+    write: CacheWrite | None
 
 
 @typecheck
-def attend(
-    query: Float[Array, "seq heads head_dim"],
-    key: Float[Array, "seq kv_heads head_dim"],
-    value: Float[Array, "seq kv_heads head_dim"],
+def attention_frames(
+    windows: tuple[int | None, ...],
     positions: Int[Array, " seq"],
     valid: Bool[Array, " seq"],
-    *,
-    rotary: RotaryEmbedding | None = None,
-    alibi: ALiBi | None = None,
-    sliding_window: int | None = None,
-    cache: KVCache | None = None,
-) -> tuple[Float[Array, "seq heads head_dim"], Float[Array, "heads seq kv_seq"], KVCache | None]:
-    """Everything between the projections: position scheme, cache, mask, core.
+    cache: Cache | None = None,
+) -> tuple[tuple[AttentionFrame, ...], Cache | None]:
+    """One [`AttentionFrame`][] per attention kind (`windows`: None = full causal, an int =
+    that sliding window), and the cache with its slot tables advanced (its per-layer keys
+    and values are written by the layers themselves).
 
-    Shared by [`Attention`][] and [`BloomAttention`][], so any position scheme
-    (rotary, ALiBi or none) combines with any projection layout, window and cache.
-
-    **Arguments:** projected `query`/`key`/`value` for a block of `seq` tokens; their
-    `positions` (position ids) and `valid` (False at padding); `rotary`, `alibi`,
-    `sliding_window` (None = full causal); `cache` (None = the block is the whole sequence).
-
-    **Returns:** the attended values, the attention weights and the updated cache.
+    Queries and keys are identified by slots (the token's index in the padded sequence),
+    masks compare slots as `masking_utils` compares indices, and padded keys are never seen.
     """
-    if rotary is not None:
-        query = rotary(query, positions)
-        key = rotary(key, positions)
+    seq = positions.shape[0]
     if cache is None:
-        query_slots = jnp.arange(query.shape[0], dtype=jnp.int32)
-        key_slots = jnp.where(valid, query_slots, -1)
-        key_positions = positions
-    else:
-        query_slots = cache.end + jnp.arange(query.shape[0], dtype=jnp.int32)
-        cache, key, value, key_slots, key_positions = cache.update(key, value, valid, positions)
-    mask = attention_mask(query_slots, key_slots, key_slots >= 0, sliding_window)
-    bias = None if alibi is None else alibi(key_positions)[:, None, :]
-    out, weights = dot_product_attention(query, key, value, mask=mask, bias=bias)
-    return out, weights, cache
+        slots = jnp.arange(seq, dtype=jnp.int32)
+        key_slots = jnp.where(valid, slots, -1)
+        frames = tuple(
+            AttentionFrame(positions, attention_mask(slots, key_slots, key_slots >= 0, w), positions, None) for w in windows
+        )
+        return frames, None
+    if cache.windows != tuple(windows):
+        raise ValueError(f"the cache was made for attention windows {cache.windows}, the model has {tuple(windows)}.")
+    query_slots = cache.end + jnp.arange(seq, dtype=jnp.int32)
+    frames, tables = [], []
+    for window, table in zip(windows, cache.tables, strict=True):
+        table, key_slots, key_positions, write = table.advance(cache.end, valid, positions)
+        mask = attention_mask(query_slots, key_slots, key_slots >= 0, window)
+        frames.append(AttentionFrame(positions, mask, key_positions, write))
+        tables.append(table)
+    cache = Cache(
+        layers=cache.layers,
+        tables=tuple(tables),
+        end=cache.end + seq,
+        next_position=cache.next_position + jnp.sum(valid, dtype=jnp.int32),
+        windows=cache.windows,
+    )
+    return tuple(frames), cache
 
 
 class Attention(eqx.Module):
-    """Multi-head attention with separate `q_proj`/`k_proj`/`v_proj`/`o_proj` (Mistral, Llama).
+    """Multi-head attention with separate `q_proj`/`k_proj`/`v_proj`/`o_proj`.
 
-    Grouped-query attention when `num_kv_heads < num_heads` (multi-query at 1); rotary,
-    ALiBi or no position scheme; full causal or sliding-window masking; optional
-    projection biases (Llama's `attention_bias`). Attribute names are the Hugging Face
-    checkpoint keys (`self_attn.q_proj.weight`, ...).
+    The one attention of every family; the differences are choices:
 
+    - grouped-query attention when `num_kv_heads < num_heads` (multi-query at 1);
+    - biases on q/k/v and on o separately (`qkv_bias`, `o_bias`: Qwen2 has the first only);
+    - `position_scheme`: rotary, ALiBi, or None (learned positions live in the embeddings);
+    - `q_norm`/`k_norm`: a norm per head (`qk_norm="head"`: Qwen3, Gemma 3) or over the whole
+      projection (`"full"`: OLMo-2), applied before the rotation;
+    - `scale` (default `head_dim ** -0.5`) and `logit_softcap` (Gemma 2);
+    - `sliding_window`: which attention kind (frame) the layer uses.
+
+    Fused checkpoint projections (`query_key_value`, `c_attn`, `qkv_proj`) are split into
+    q/k/v by their family's key map on import and joined again on export.
     Takes a block of `seq` tokens of one sequence (`jax.vmap` for a batch).
     """
 
@@ -116,12 +152,16 @@ class Attention(eqx.Module):
     k_proj: eqx.nn.Linear
     v_proj: eqx.nn.Linear
     o_proj: eqx.nn.Linear
-    rotary: RotaryEmbedding | None
-    alibi: ALiBi | None
+    position_scheme: AbstractPositionScheme | None
+    q_norm: RMSNorm | LayerNorm | None
+    k_norm: RMSNorm | LayerNorm | None
     num_heads: int = eqx.field(static=True)
     num_kv_heads: int = eqx.field(static=True)
     head_dim: int = eqx.field(static=True)
     sliding_window: int | None = eqx.field(static=True)
+    scale: float | None = eqx.field(static=True)
+    logit_softcap: float | None = eqx.field(static=True)
+    qk_norm: str | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -130,128 +170,91 @@ class Attention(eqx.Module):
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
         *,
-        use_bias: bool = False,
-        rotary: RotaryEmbedding | None = None,
-        alibi: ALiBi | None = None,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        position_scheme: AbstractPositionScheme | None = None,
         sliding_window: int | None = None,
+        scale: float | None = None,
+        logit_softcap: float | None = None,
+        qk_norm: str | None = None,
+        make_norm=None,
         dtype=jnp.float32,
         key: PRNGKeyArray,
     ):
         """**Arguments:** `hidden_size`; `num_heads`; `num_kv_heads` (default `num_heads`);
-        `head_dim` (default `hidden_size // num_heads`); `use_bias` on all four projections;
-        `rotary` / `alibi` position scheme; `sliding_window` (None = full causal); `dtype`;
-        `key`."""
+        `head_dim` (default `hidden_size // num_heads`); `qkv_bias`, `o_bias`;
+        `position_scheme`; `sliding_window` (None = full causal); `scale`; `logit_softcap`;
+        `qk_norm` (None, `"head"` or `"full"`) with `make_norm(size)` building each norm;
+        `dtype`; `key`."""
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         head_dim = hidden_size // num_heads if head_dim is None else head_dim
         if num_heads % num_kv_heads:
             raise ValueError(f"Attention: num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads}).")
+        if qk_norm not in (None, "head", "full"):
+            raise ValueError(f"Attention: qk_norm must be None, 'head' or 'full', got {qk_norm!r}.")
         kq, kk, kv, ko = jax.random.split(key, 4)
-        self.q_proj = make_linear(hidden_size, num_heads * head_dim, use_bias, dtype, kq)
-        self.k_proj = make_linear(hidden_size, num_kv_heads * head_dim, use_bias, dtype, kk)
-        self.v_proj = make_linear(hidden_size, num_kv_heads * head_dim, use_bias, dtype, kv)
-        self.o_proj = make_linear(num_heads * head_dim, hidden_size, use_bias, dtype, ko)
-        self.rotary = rotary
-        self.alibi = alibi
+        self.q_proj = make_linear(hidden_size, num_heads * head_dim, qkv_bias, dtype, kq)
+        self.k_proj = make_linear(hidden_size, num_kv_heads * head_dim, qkv_bias, dtype, kk)
+        self.v_proj = make_linear(hidden_size, num_kv_heads * head_dim, qkv_bias, dtype, kv)
+        self.o_proj = make_linear(num_heads * head_dim, hidden_size, o_bias, dtype, ko)
+        self.position_scheme = position_scheme
+        if qk_norm is None:
+            self.q_norm = self.k_norm = None
+        else:
+            per_head = qk_norm == "head"
+            self.q_norm = make_norm(head_dim if per_head else num_heads * head_dim)
+            self.k_norm = make_norm(head_dim if per_head else num_kv_heads * head_dim)
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.sliding_window = sliding_window
+        self.scale = scale
+        self.logit_softcap = logit_softcap
+        self.qk_norm = qk_norm
+
+    def _project(self, proj, norm, x, heads):
+        y = linear(proj, x)
+        if self.qk_norm == "full":
+            y = jax.vmap(norm)(y)
+        y = y.reshape(x.shape[0], heads, self.head_dim)
+        if self.qk_norm == "head":
+            y = jax.vmap(jax.vmap(norm))(y)
+        return y
 
     @typecheck
     def __call__(
         self,
         x: Float[Array, "seq hidden"],
-        positions: Int[Array, " seq"],
-        valid: Bool[Array, " seq"],
+        frame: AttentionFrame,
         cache: KVCache | None = None,
-    ) -> tuple[Float[Array, "seq hidden"], Float[Array, "heads seq kv_seq"], KVCache | None]:
-        """**Arguments:** `x`; `positions` (position ids); `valid` (False at padding);
-        `cache`. **Returns:** output, attention weights, updated cache."""
+        *,
+        return_weights: bool = False,
+    ) -> tuple[Float[Array, "seq hidden"], Float[Array, "heads seq kv_seq"] | None, KVCache | None]:
+        """**Arguments:** `x`; the `frame` of this layer's attention kind; this layer's
+        `cache`; `return_weights` (static). **Returns:** output, attention weights (or
+        None), updated cache."""
         seq = x.shape[0]
-        q = linear(self.q_proj, x).reshape(seq, self.num_heads, self.head_dim)
-        k = linear(self.k_proj, x).reshape(seq, self.num_kv_heads, self.head_dim)
+        q = self._project(self.q_proj, self.q_norm, x, self.num_heads)
+        k = self._project(self.k_proj, self.k_norm, x, self.num_kv_heads)
         v = linear(self.v_proj, x).reshape(seq, self.num_kv_heads, self.head_dim)
-        out, weights, cache = attend(
+        scheme = self.position_scheme
+        if scheme is not None:
+            q = scheme.rotate(q, frame.positions)
+            k = scheme.rotate(k, frame.positions)
+        if cache is not None:
+            cache, k, v = cache.update(frame.write, k, v)
+        bias = None if scheme is None else scheme.bias(frame.key_positions)
+        out, weights = dot_product_attention(
             q,
             k,
             v,
-            positions,
-            valid,
-            rotary=self.rotary,
-            alibi=self.alibi,
-            sliding_window=self.sliding_window,
-            cache=cache,
+            mask=frame.mask,
+            bias=None if bias is None else bias[:, None, :],
+            scale=self.scale,
+            softcap=self.logit_softcap,
+            return_weights=return_weights,
         )
         return linear(self.o_proj, out.reshape(seq, -1)), weights, cache
 
 
-class BloomAttention(eqx.Module):
-    """BLOOM's attention: one fused `query_key_value` projection and a `dense` output.
-
-    The fused weight (`3*hidden x hidden`) is interleaved **per head**: its output viewed as
-    `(heads, 3, head_dim)` gives each head's query, key and value (not `[Q; K; V]`
-    stacked), as `BloomAttention._reshape` does. Both projections have biases. Position
-    information comes from ALiBi by default (any [`attend`][] scheme works).
-    """
-
-    query_key_value: eqx.nn.Linear
-    dense: eqx.nn.Linear
-    alibi: ALiBi | None
-    rotary: RotaryEmbedding | None
-    num_heads: int = eqx.field(static=True)
-    head_dim: int = eqx.field(static=True)
-    sliding_window: int | None = eqx.field(static=True)
-
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        *,
-        alibi: ALiBi | None = None,
-        rotary: RotaryEmbedding | None = None,
-        sliding_window: int | None = None,
-        dtype=jnp.float32,
-        key: PRNGKeyArray,
-    ):
-        """**Arguments:** `hidden_size`; `num_heads`; `alibi` (default: ALiBi for
-        `num_heads`); `rotary`; `sliding_window`; `dtype`; `key`."""
-        if hidden_size % num_heads:
-            raise ValueError(f"BloomAttention: hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}).")
-        k1, k2 = jax.random.split(key)
-        self.query_key_value = make_linear(hidden_size, 3 * hidden_size, True, dtype, k1)
-        self.dense = make_linear(hidden_size, hidden_size, True, dtype, k2)
-        self.alibi = ALiBi(num_heads) if alibi is None and rotary is None else alibi
-        self.rotary = rotary
-        self.num_heads = num_heads
-        self.head_dim = hidden_size // num_heads
-        self.sliding_window = sliding_window
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.num_heads
-
-    @typecheck
-    def __call__(
-        self,
-        x: Float[Array, "seq hidden"],
-        positions: Int[Array, " seq"],
-        valid: Bool[Array, " seq"],
-        cache: KVCache | None = None,
-    ) -> tuple[Float[Array, "seq hidden"], Float[Array, "heads seq kv_seq"], KVCache | None]:
-        """**Arguments:** `x`; `positions`; `valid`; `cache`. **Returns:** output
-        (before the residual), attention weights, updated cache."""
-        seq = x.shape[0]
-        fused = linear(self.query_key_value, x).reshape(seq, self.num_heads, 3, self.head_dim)
-        q, k, v = fused[:, :, 0], fused[:, :, 1], fused[:, :, 2]
-        out, weights, cache = attend(
-            q,
-            k,
-            v,
-            positions,
-            valid,
-            rotary=self.rotary,
-            alibi=self.alibi,
-            sliding_window=self.sliding_window,
-            cache=cache,
-        )
-        return linear(self.dense, out.reshape(seq, -1)), weights, cache
+__all__ = ["ALiBi", "Attention", "AttentionFrame", "attention_frames", "dot_product_attention"]

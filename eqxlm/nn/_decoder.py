@@ -1,72 +1,81 @@
-"""Decoder layers: the residual blocks that models stack."""
+"""The decoder layer: one residual block whose layout is a handful of choices."""
+
+from typing import Any
 
 import equinox as eqx
 import jax
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float
 
 from .._typing import typecheck
-from ._attention import Attention, BloomAttention
+from ._attention import Attention, AttentionFrame
 from ._kv_cache import KVCache
-from ._mlp import BloomMLP, GatedMLP
 from ._norm import LayerNorm, RMSNorm
 
-LayerResult = tuple[Float[Array, "seq hidden"], Float[Array, "heads seq kv_seq"], KVCache | None]
+Norm = RMSNorm | LayerNorm
+
+
+def _norm(norm, x):
+    return x if norm is None else jax.vmap(norm)(x)
+
+
+def feed_forward(mlp, x: Float[Array, "seq hidden"]) -> Float[Array, "seq hidden"]:
+    """Apply a feed-forward block to a sequence: token-wise blocks (`GatedMLP`, `MLP`) are
+    vmapped; a block that needs the whole sequence (a mixture of experts, which groups tokens
+    by expert) says so with `sequence_wise = True` and is called once."""
+    return mlp(x) if getattr(mlp, "sequence_wise", False) else jax.vmap(mlp)(x)
 
 
 class DecoderLayer(eqx.Module):
-    """The pre-norm residual block of Llama and Mistral (`LlamaDecoderLayer`):
+    """One residual block. Llama's layout is the default; the other families are choices:
 
-        h = x + self_attn(input_layernorm(x))
-        y = h + mlp(post_attention_layernorm(h))
+        sequential (Llama, Mistral, Qwen, BLOOM, GPT-2):
+            a = input_layernorm(x);               h = r(x) + m * attn_out_norm(self_attn(a))
+            b = post_attention_layernorm(h);      y = r(h) + m * mlp_out_norm(mlp(b))
+        parallel (GPT-NeoX, Phi, Cohere):
+            a = input_layernorm(x);  b = post_attention_layernorm(x) or a
+            y = x + self_attn(a) + mlp(b)
 
-    Any attention ([`Attention`][] or [`BloomAttention`][]), norm and MLP fit: the fields
-    are typed by role, and the attribute names are the checkpoint keys.
+    where a missing norm is the identity (OLMo-2 has no input norms; Gemma 2 has all four),
+    `r(v)` is `v` or, with `residual_from_norm` (BLOOM's
+    `apply_residual_connection_post_layernorm`), the normed input of that sub-block, and
+    `m` is `residual_multiplier` (Granite; default 1). Attribute names are Llama's checkpoint
+    keys; other families' key maps rename them (Gemma's `pre_feedforward_layernorm` is the
+    `post_attention_layernorm` here, its `post_attention_layernorm` the `attn_out_norm`).
     """
 
-    input_layernorm: RMSNorm | LayerNorm
-    self_attn: Attention | BloomAttention
-    post_attention_layernorm: RMSNorm | LayerNorm
-    mlp: GatedMLP | BloomMLP
+    input_layernorm: Norm | None
+    self_attn: Attention
+    post_attention_layernorm: Norm | None
+    mlp: Any
+    attn_out_norm: Norm | None = None
+    mlp_out_norm: Norm | None = None
+    parallel: bool = eqx.field(static=True, default=False)
+    residual_from_norm: bool = eqx.field(static=True, default=False)
+    residual_multiplier: float | None = eqx.field(static=True, default=None)
+
+    def _scaled(self, x):
+        return x if self.residual_multiplier is None else x * self.residual_multiplier
 
     @typecheck
     def __call__(
         self,
         x: Float[Array, "seq hidden"],
-        positions: Int[Array, " seq"],
-        valid: Bool[Array, " seq"],
+        frame: AttentionFrame,
         cache: KVCache | None = None,
-    ) -> LayerResult:
-        """**Returns:** the block output, the attention weights and the updated cache."""
-        attn_out, weights, cache = self.self_attn(jax.vmap(self.input_layernorm)(x), positions, valid, cache)
-        h = x + attn_out
-        return h + jax.vmap(self.mlp)(jax.vmap(self.post_attention_layernorm)(h)), weights, cache
-
-
-class BloomBlock(eqx.Module):
-    """BLOOM's block (`BloomBlock`), with `apply_residual_connection_post_layernorm`:
-
-    a = input_layernorm(x);           h = self_attention(a) + (a if post_ln else x)
-    b = post_attention_layernorm(h);  y = mlp(b) + (b if post_ln else h)
-    """
-
-    input_layernorm: LayerNorm | RMSNorm
-    self_attention: BloomAttention | Attention
-    post_attention_layernorm: LayerNorm | RMSNorm
-    mlp: BloomMLP | GatedMLP
-    apply_residual_connection_post_layernorm: bool = eqx.field(static=True, default=False)
-
-    @typecheck
-    def __call__(
-        self,
-        x: Float[Array, "seq hidden"],
-        positions: Int[Array, " seq"],
-        valid: Bool[Array, " seq"],
-        cache: KVCache | None = None,
-    ) -> LayerResult:
-        """**Returns:** the block output, the attention weights and the updated cache."""
-        post_ln = self.apply_residual_connection_post_layernorm
-        a = jax.vmap(self.input_layernorm)(x)
-        attn_out, weights, cache = self.self_attention(a, positions, valid, cache)
-        h = attn_out + (a if post_ln else x)
-        b = jax.vmap(self.post_attention_layernorm)(h)
-        return jax.vmap(self.mlp)(b) + (b if post_ln else h), weights, cache
+        *,
+        return_weights: bool = False,
+    ) -> tuple[Float[Array, "seq hidden"], Float[Array, "heads seq kv_seq"] | None, KVCache | None]:
+        """**Arguments:** `x`; the `frame` of this layer's attention kind; this layer's
+        `cache`; `return_weights` (static). **Returns:** the block output, the attention
+        weights (or None) and the updated cache."""
+        a = _norm(self.input_layernorm, x)
+        attn, weights, cache = self.self_attn(a, frame, cache, return_weights=return_weights)
+        attn = _norm(self.attn_out_norm, attn)
+        if self.parallel:
+            b = a if self.post_attention_layernorm is None else _norm(self.post_attention_layernorm, x)
+            mlp = _norm(self.mlp_out_norm, feed_forward(self.mlp, b))
+            return x + attn + mlp, weights, cache
+        h = (a if self.residual_from_norm else x) + self._scaled(attn)
+        b = _norm(self.post_attention_layernorm, h)
+        mlp = _norm(self.mlp_out_norm, feed_forward(self.mlp, b))
+        return (b if self.residual_from_norm else h) + self._scaled(mlp), weights, cache

@@ -9,6 +9,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from .._typing import typecheck
+from ._positions import AbstractPositionScheme
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -44,6 +45,12 @@ class RopeScaling:
                 raise ValueError(f"rope_scaling: rope_type 'llama3' needs {', '.join(missing)}.")
 
 
+def rope_attention_factor(scaling: "RopeScaling | None") -> float:
+    """The factor transformers multiplies cos and sin by (`attention_scaling`): 1 for the
+    rope types eqxlm supports today."""
+    return 1.0
+
+
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
     r"""The inverse frequencies $\theta^{-2i/d}$, $i < d/2$, as a float32 numpy array.
 
@@ -71,39 +78,56 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling |
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-class RotaryEmbedding(eqx.Module):
-    r"""Rotary position embedding, rotate-half layout, from explicit per-token positions.
+class RotaryEmbedding(AbstractPositionScheme):
+    r"""Rotary position embedding from explicit per-token positions.
 
-    For a head vector $x = [x_1; x_2]$ (two halves) at position $p$, with angles
-    $\phi = p \cdot f$ for the inverse frequencies $f$ duplicated over both halves:
+    For the rotated part of a head vector at position $p$, with angles $\phi = p \cdot f$ for
+    the inverse frequencies $f$:
 
-    $$\mathrm{rope}(x, p) = x \cos\phi + [-x_2; x_1] \sin\phi$$
+    - rotate-half layout (Llama and most families): $x = [x_1; x_2]$ (two halves),
+      $\mathrm{rope}(x) = x \cos\phi + [-x_2; x_1] \sin\phi$ with $f$ duplicated over the halves;
+    - interleaved layout (`interleaved=True`: Cohere, GPT-J): pairs $(x_{2i}, x_{2i+1})$ are rotated
+      by $\phi_i$.
+
+    Partial rotary (`rotary_dim < head_dim`: GPT-NeoX `rotary_pct`, Phi `partial_rotary_factor`)
+    rotates the first `rotary_dim` dims and passes the rest through, as
+    `apply_rotary_pos_emb` does there.
 
     Angles are computed in float32 from the integer positions and only then cast to the
     input dtype, as `LlamaRotaryEmbedding` does. Because positions are explicit, a
-    left-padded row or a cached decode step needs nothing special: pass each token's own
-    position. Nothing is stored but three static numbers; the frequency table is a
-    compile-time constant.
+    left-padded row or a cached decode step needs nothing special. Nothing is stored but
+    static numbers; the frequency table is a compile-time constant.
 
-    **Arguments (constructor):** `head_dim` (even; HF `head_dim`, which may differ from
-    hidden/heads), `theta` (HF `rope_theta`), `scaling` (a [`RopeScaling`][] or None).
+    **Arguments (constructor):** `head_dim`; `theta` (HF `rope_theta`); `scaling` (a
+    [`RopeScaling`][] or None); `rotary_dim` (default `head_dim`); `interleaved`.
     """
 
     head_dim: int = eqx.field(static=True)
     theta: float = eqx.field(static=True)
     scaling: RopeScaling | None = eqx.field(static=True, default=None)
+    rotary_dim: int | None = eqx.field(static=True, default=None)
+    interleaved: bool = eqx.field(static=True, default=False)
 
     def __check_init__(self):
-        if self.head_dim % 2:
-            raise ValueError(f"RotaryEmbedding: head_dim must be even, got {self.head_dim}.")
+        if self.dim % 2 or not 0 < self.dim <= self.head_dim:
+            raise ValueError(f"RotaryEmbedding: rotary_dim must be even and in (0, head_dim={self.head_dim}], got {self.dim}.")
+
+    @property
+    def dim(self) -> int:
+        """The number of rotated dims of each head."""
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
     @typecheck
-    def cos_sin(self, positions: Int[Array, " seq"]) -> tuple[Float[Array, "seq head_dim"], Float[Array, "seq head_dim"]]:
-        """The float32 cosine and sine tables for `positions` (each `seq x head_dim`)."""
-        inv_freq = jnp.asarray(rope_inverse_frequencies(self.head_dim, self.theta, self.scaling))
+    def cos_sin(self, positions: Int[Array, " seq"]) -> tuple[Float[Array, "seq rot"], Float[Array, "seq rot"]]:
+        """The float32 cosine and sine tables for `positions` (each `seq x rotary_dim`)."""
+        inv_freq = jnp.asarray(rope_inverse_frequencies(self.dim, self.theta, self.scaling))
         freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
-        angles = jnp.concatenate([freqs, freqs], axis=-1)
-        return jnp.cos(angles), jnp.sin(angles)
+        if self.interleaved:
+            angles = jnp.repeat(freqs, 2, axis=-1)
+        else:
+            angles = jnp.concatenate([freqs, freqs], axis=-1)
+        scale = rope_attention_factor(self.scaling)
+        return jnp.cos(angles) * scale, jnp.sin(angles) * scale
 
     @typecheck
     def __call__(
@@ -114,6 +138,18 @@ class RotaryEmbedding(eqx.Module):
         cos, sin = self.cos_sin(positions)
         cos = cos.astype(x.dtype)[:, None, :]
         sin = sin.astype(x.dtype)[:, None, :]
-        half = self.head_dim // 2
-        rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-        return x * cos + rotated * sin
+        rot, rest = x[..., : self.dim], x[..., self.dim :]
+        if self.interleaved:
+            pairs = rot.reshape(*rot.shape[:-1], -1, 2)
+            rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(rot.shape)
+        else:
+            half = self.dim // 2
+            rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+        out = rot * cos + rotated * sin
+        return out if self.dim == self.head_dim else jnp.concatenate([out, rest], axis=-1)
+
+    def rotate(self, x, positions):
+        return self(x, positions)
+
+    def bias(self, key_positions):
+        return None

@@ -1,0 +1,144 @@
+"""The four checks every family passes against transformers, on tiny random checkpoints
+made with transformers (cases in `tests/families.py`):
+
+1. float32 logits within 1e-4 (logits large enough for that to mean something);
+2. a left-padded batch under `jax.vmap` equal at real tokens to each sequence alone and to
+   transformers given position ids;
+3. greedy `eqxlm.generate` equal token for token to transformers' `generate` over 16 new
+   tokens, and prefill + cached steps equal to one full forward (past the window too);
+4. `save_pretrained` output loads in transformers with the same logits, and import then
+   export is bitwise;
+
+plus the scanned layout: logits equal to the unrolled model within 1e-6 and the same greedy
+tokens.
+"""
+
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import LOGITS_ATOL
+from families import CASES
+from hf import hf_model, run_hf, save_hf
+from safetensors.numpy import load_file
+
+import eqxlm
+
+FIRST = {}
+for _name, (_family, _) in CASES.items():
+    FIRST.setdefault(_family, _name)
+RICH = sorted(FIRST.values())
+
+forward = eqx.filter_jit(lambda m, ids, mask: jax.vmap(m)(ids, mask).logits)
+
+
+@pytest.fixture(scope="module", params=sorted(CASES) or [pytest.param(None, marks=pytest.mark.skip("no cases"))])
+def pair(request, tmp_path_factory):
+    family, overrides = CASES[request.param]
+    ref = hf_model(family, **overrides)
+    path = save_hf(ref, tmp_path_factory.mktemp(request.param))
+    return request.param, ref, path, eqxlm.from_pretrained(path)
+
+
+def _vocab(ref):
+    return ref.config.vocab_size
+
+
+def test_logits_match(pair):
+    _, ref, _, ours = pair
+    ids = np.random.default_rng(0).integers(0, _vocab(ref), size=(2, 20))
+    want = run_hf(ref, ids).logits.numpy()
+    got = np.asarray(forward(ours, jnp.asarray(ids, jnp.int32), jnp.ones(ids.shape, jnp.int32)))
+    np.testing.assert_allclose(got, want, atol=LOGITS_ATOL, rtol=0)
+    assert np.abs(want).max() > 1.0
+
+
+def test_left_padded_batch(pair):
+    _, ref, _, ours = pair
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, _vocab(ref), size=(3, 12))
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :9] = 0
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0) * mask
+    want = run_hf(ref, ids, mask, position_ids=positions).logits.numpy()
+    got = np.asarray(forward(ours, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[real], want[real], atol=LOGITS_ATOL, rtol=0)
+    alone = np.asarray(ours(jnp.asarray(ids[2, 9:], jnp.int32)).logits)
+    np.testing.assert_allclose(got[2, 9:], alone, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_cached_steps_equal_full_forward(pair):
+    _, ref, _, ours = pair
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, _vocab(ref), size=14), jnp.int32)
+    full = np.asarray(ours(ids).logits)
+    cache = ours.init_cache(16)
+    out = ours(ids[:6], cache=cache)
+    got = [np.asarray(out.logits)]
+    cache = out.cache
+    for t in range(6, 14):
+        out = ours(ids[t : t + 1], cache=cache)
+        got.append(np.asarray(out.logits))
+        cache = out.cache
+    np.testing.assert_allclose(np.concatenate(got), full, atol=LOGITS_ATOL, rtol=0)
+
+
+@pytest.fixture(scope="module", params=RICH or [pytest.param(None, marks=pytest.mark.skip("no cases"))])
+def rich(request, tmp_path_factory):
+    family, overrides = CASES[request.param]
+    ref = hf_model(family, **overrides)
+    path = save_hf(ref, tmp_path_factory.mktemp(request.param + "-rich"))
+    return request.param, ref, path, eqxlm.from_pretrained(path)
+
+
+def test_greedy_generate_matches_transformers(rich):
+    _, ref, _, ours = rich
+    ids = np.random.default_rng(3).integers(3, _vocab(ref), size=(2, 7))
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        want = ref.generate(
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=16,
+            min_new_tokens=16,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        ).numpy()
+    got = np.asarray(eqxlm.generate(ours, ids, mask, max_new_tokens=16, eos_token_id=[], pad_token_id=0))
+    np.testing.assert_array_equal(got[:, 7:], want[:, 7:])
+
+
+def test_export_loads_in_transformers_and_round_trips_bitwise(rich, tmp_path):
+    _, ref, path, ours = rich
+    out = eqxlm.save_pretrained(ours, tmp_path / "out")
+    before = {k: v for f in Path(path).glob("*.safetensors") for k, v in load_file(f).items()}
+    after = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert before.keys() == after.keys()
+    for name in before:
+        assert before[name].dtype == after[name].dtype and np.array_equal(before[name], after[name]), name
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    ids = np.random.default_rng(4).integers(0, _vocab(ref), size=(1, 10))
+    np.testing.assert_array_equal(run_hf(reloaded, ids).logits.numpy(), run_hf(ref, ids).logits.numpy())
+
+
+def test_scanned_layers_equal_unrolled(rich):
+    _, ref, path, ours = rich
+    scanned = eqxlm.from_pretrained(path, scan_layers=True)
+    assert isinstance(scanned.model.layers, eqxlm.nn.LayerStack)
+    ids = np.random.default_rng(5).integers(0, _vocab(ref), size=(2, 12))
+    mask = np.ones_like(ids)
+    a = np.asarray(forward(ours, jnp.asarray(ids, jnp.int32), jnp.asarray(mask)))
+    b = np.asarray(forward(scanned, jnp.asarray(ids, jnp.int32), jnp.asarray(mask)))
+    np.testing.assert_allclose(a, b, atol=1e-6 * max(1.0, np.abs(a).max()), rtol=0)
+    ga = np.asarray(eqxlm.generate(ours, ids, max_new_tokens=8, eos_token_id=[]))
+    gb = np.asarray(eqxlm.generate(scanned, ids, max_new_tokens=8, eos_token_id=[]))
+    np.testing.assert_array_equal(ga, gb)
+    assert eqxlm.state_dict(scanned).keys() == eqxlm.state_dict(ours).keys()

@@ -1,0 +1,154 @@
+"""A model of the user's own, built from `eqxlm.nn` parts in this file (no change to the
+package): it implements `eqxlm.AbstractCausalLM`, registers its own `model_type`, and then
+`generate`, `shard`, a training step and `save_pretrained`/`from_pretrained` all work on it.
+
+The architecture: ALiBi attention with per-head RMSNorm on queries and keys, a plain ReLU
+MLP, a parallel residual, learned-free positions, a tied head. Its checkpoint names its
+projections differently (`attn.wq` ...), through its own key map.
+"""
+
+import dataclasses
+from typing import ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import eqxlm
+from eqxlm import nn
+from eqxlm.params import KeyMap
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ToyConfig(eqxlm.BaseConfig):
+    model_type: ClassVar[str] = "toy-alibi"
+    architecture: ClassVar[str] = "ToyForCausalLM"
+    hf_fields: ClassVar[dict[str, str]] = {
+        n: n
+        for n in ("vocab_size", "hidden_size", "num_layers", "num_heads", "tie_word_embeddings", "bos_token_id", "eos_token_id")
+    }
+    vocab_size: int = 48
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 4
+    tie_word_embeddings: bool = True
+
+    def key_map(self):
+        return KeyMap(renames=((r"self_attn\.([qkvo])_proj", r"attn.w\1"),))
+
+
+class ToyBackbone(eqx.Module):
+    embed_tokens: eqx.nn.Embedding
+    layers: tuple[nn.DecoderLayer, ...]
+    norm: nn.RMSNorm
+
+    def __call__(
+        self, input_ids, attention_mask=None, positions=None, cache=None, *, output_hidden_states=False, output_attentions=False
+    ):
+        valid = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+        start = 0 if cache is None else cache.next_position
+        positions = jnp.where(valid, start + jnp.cumsum(valid) - 1, 0).astype(jnp.int32)
+        x = self.embed_tokens.weight[input_ids]
+        (frame,), cache = nn.attention_frames((None,), positions, valid, cache)
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            x, _, layer_cache = layer(x, frame, None if cache is None else cache.layers[i])
+            new_layers.append(layer_cache)
+        x = jax.vmap(self.norm)(x)
+        new_cache = None if cache is None else eqx.tree_at(lambda c: c.layers, cache, tuple(new_layers))
+        return eqxlm.ModelOutput(last_hidden_state=x, cache=new_cache)
+
+
+class ToyLM(eqxlm.AbstractCausalLM):
+    model: ToyBackbone
+    config: ToyConfig = eqx.field(static=True)
+    generation_config: eqxlm.GenerationConfig | None = eqx.field(static=True, default=None)
+    remat_types: ClassVar[tuple[type, ...]] = (nn.DecoderLayer,)
+
+    def __init__(self, config, *, key, dtype=jnp.float32, generation_config=None):
+        d, h = config.hidden_size, config.num_heads
+        keys = jax.random.split(key, config.num_layers + 1)
+
+        def layer(k):
+            k1, k2 = jax.random.split(k)
+            attn = nn.Attention(
+                d,
+                h,
+                position_scheme=nn.ALiBi(h),
+                qk_norm="head",
+                make_norm=lambda n: nn.RMSNorm(n, 1e-5, dtype=dtype),
+                dtype=dtype,
+                key=k1,
+            )
+            mlp = nn.MLP(d, 2 * d, activation=jax.nn.relu, dtype=dtype, key=k2)
+            return nn.DecoderLayer(nn.RMSNorm(d, 1e-5, dtype=dtype), attn, None, mlp, parallel=True)
+
+        embed = eqx.nn.Embedding(config.vocab_size, d, dtype=dtype, key=keys[0])
+        self.model = ToyBackbone(embed, tuple(layer(k) for k in keys[1:]), nn.RMSNorm(d, 1e-5, dtype=dtype))
+        self.config = config
+        self.generation_config = generation_config
+
+    @property
+    def base_model(self):
+        return self.model
+
+    def logits(self, hidden):
+        return hidden @ self.model.embed_tokens.weight.T
+
+    def init_cache(self, max_length, *, dtype=None):
+        dtype = dtype or self.model.embed_tokens.weight.dtype
+        head_dim = self.config.hidden_size // self.config.num_heads
+        layers = tuple(nn.KVCache.init(max_length, self.config.num_heads, head_dim, dtype=dtype) for _ in self.model.layers)
+        zero = jnp.zeros((), jnp.int32)
+        return nn.Cache(layers=layers, tables=(nn.SlotTable.init(max_length),), end=zero, next_position=zero, windows=(None,))
+
+    def key_map(self):
+        return self.config.key_map()
+
+
+eqxlm.register(ToyConfig, ToyLM)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return ToyLM(ToyConfig(), key=jax.random.key(0))
+
+
+def test_generate_with_cache_equals_argmax_over_full_forwards(toy):
+    ids = np.array([[5, 9, 3, 17, 2]])
+    tokens = np.asarray(eqxlm.generate(toy, ids, max_new_tokens=6, eos_token_id=[]))
+    seq = list(ids[0])
+    for _ in range(6):
+        seq.append(int(jnp.argmax(toy(jnp.asarray(seq, jnp.int32)).logits[-1])))
+    assert tokens[0].tolist() == seq
+
+
+def test_save_and_load_through_the_registry(toy, tmp_path):
+    folder = eqxlm.save_pretrained(toy, tmp_path / "toy")
+    names = set(eqxlm.hf_state_dict(toy))
+    assert "model.layers.0.attn.wq.weight" in names and "model.layers.1.self_attn.q_norm.weight" in names
+    again = eqxlm.from_pretrained(folder)
+    assert isinstance(again, ToyLM) and again.config == toy.config
+    ids = jnp.arange(7, dtype=jnp.int32)
+    np.testing.assert_array_equal(np.asarray(again(ids).logits), np.asarray(toy(ids).logits))
+    assert "toy-alibi" in eqxlm.supported_model_types()
+
+
+def test_shard_and_train_step(toy):
+    mesh = eqxlm.sharding.make_mesh((1,), ("data",))
+    sharded = eqxlm.shard(toy, mesh)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 48, size=(4, 10)), jnp.int32)
+    optimizer = optax.adam(1e-2)
+    with jax.numpy_dtype_promotion("standard"):
+        state = optimizer.init(eqx.filter(sharded, eqx.is_array))
+    model, state, first = eqxlm.training.train_step(sharded, state, ids, optimizer=optimizer, mesh=mesh)
+    for _ in range(5):
+        model, state, loss = eqxlm.training.train_step(model, state, ids, optimizer=optimizer, mesh=mesh)
+    assert float(loss) < float(first)
+    remat = eqxlm.training.remat_layers(toy)
+    a = eqxlm.training.batch_loss(toy, ids)
+    b = eqxlm.training.batch_loss(remat, ids)
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
