@@ -7,4 +7,8 @@ richest; generation, export and scan checks run on it.
 """
 
 CASES: dict[str, tuple[str, dict]] = {
+    # Qwen2: q/k/v biases without an o bias (the test weights make every bias non-zero);
+    # sliding windows (3, shorter than the sequences) from layer 1 on, full attention on layer 0.
+    "qwen2-sliding": ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1}),
+    "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
 }

@@ -12,6 +12,7 @@ The registry, one line per family (importing a family file registers it):
 from . import bloom as bloom
 from . import llama as llama
 from . import mistral as mistral
+from . import qwen2 as qwen2
 from ._builder import Decoder, DecoderLM, DecoderSpec, NormSpec, RopeSpec
 from ._config import BaseConfig, ConfigError
 from ._contract import AbstractCausalLM, CausalLMOutput, GenerationConfig, ModelOutput, broadcast_cache
