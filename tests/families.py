@@ -11,4 +11,8 @@ CASES: dict[str, tuple[str, dict]] = {
     # sliding windows (3, shorter than the sequences) from layer 1 on, full attention on layer 0.
     "qwen2-sliding": ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1}),
     "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
+    # Gemma: (1 + w) RMSNorm (random weights around 1 make 1 + w differ from w), sqrt(hidden)
+    # embedding scale, GeGLU, head_dim 16 != 32 / 4, tied head; an untied variant.
+    "gemma": ("gemma", {}),
+    "gemma-untied-mha": ("gemma", {"tie_word_embeddings": False, "num_key_value_heads": 4}),
 }

@@ -29,6 +29,16 @@ TINY = {
         sliding_window=None,
     ),
     "bloom": dict(vocab_size=96, hidden_size=32, n_layer=2, n_head=4),
+    "gemma": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+    ),
     "qwen2": dict(
         vocab_size=96,
         hidden_size=32,
@@ -44,6 +54,7 @@ CONFIGS = {
     "mistral": transformers.MistralConfig,
     "bloom": transformers.BloomConfig,
     "qwen2": transformers.Qwen2Config,
+    "gemma": transformers.GemmaConfig,
 }
 
 
