@@ -15,4 +15,8 @@ CASES: dict[str, tuple[str, dict]] = {
     # embedding scale, GeGLU, head_dim 16 != 32 / 4, tied head; an untied variant.
     "gemma": ("gemma", {}),
     "gemma-untied-mha": ("gemma", {"tie_word_embeddings": False, "num_key_value_heads": 4}),
+    # GPT-NeoX: parallel residual with two norms, 25% and 50% partial rotary, per-head fused qkv;
+    # the sequential variant.
+    "gpt_neox": ("gpt_neox", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}),
+    "gpt_neox-sequential": ("gpt_neox", {"use_parallel_residual": False}),
 }

@@ -39,6 +39,14 @@ TINY = {
         head_dim=16,
         max_position_embeddings=256,
     ),
+    "gpt_neox": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+    ),
     "qwen2": dict(
         vocab_size=96,
         hidden_size=32,
@@ -55,6 +63,7 @@ CONFIGS = {
     "bloom": transformers.BloomConfig,
     "qwen2": transformers.Qwen2Config,
     "gemma": transformers.GemmaConfig,
+    "gpt_neox": transformers.GPTNeoXConfig,
 }
 
 
