@@ -19,4 +19,8 @@ CASES: dict[str, tuple[str, dict]] = {
     # the sequential variant.
     "gpt_neox": ("gpt_neox", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}),
     "gpt_neox-sequential": ("gpt_neox", {"use_parallel_residual": False}),
+    # GPT-2: learned positions, Conv1D weights, fused c_attn, gelu_new, tied head; the scale options.
+    "gpt2": ("gpt2", {}),
+    "gpt2-scales": ("gpt2", {"scale_attn_by_inverse_layer_idx": True, "activation_function": "gelu_new"}),
+    "gpt2-unscaled": ("gpt2", {"scale_attn_weights": False, "n_inner": 40}),
 }

@@ -47,6 +47,7 @@ TINY = {
         num_attention_heads=4,
         max_position_embeddings=256,
     ),
+    "gpt2": dict(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64),
     "qwen2": dict(
         vocab_size=96,
         hidden_size=32,
@@ -64,6 +65,7 @@ CONFIGS = {
     "qwen2": transformers.Qwen2Config,
     "gemma": transformers.GemmaConfig,
     "gpt_neox": transformers.GPTNeoXConfig,
+    "gpt2": transformers.GPT2Config,
 }
 
 
