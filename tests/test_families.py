@@ -13,6 +13,10 @@ plus the scanned layout: logits equal to the unrolled model within 1e-6 and the 
 tokens.
 """
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import equinox as eqx
@@ -142,3 +146,25 @@ def test_scanned_layers_equal_unrolled(rich):
     gb = np.asarray(eqxlm.generate(scanned, ids, max_new_tokens=8, eos_token_id=[]))
     np.testing.assert_array_equal(ga, gb)
     assert eqxlm.state_dict(scanned).keys() == eqxlm.state_dict(ours).keys()
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    out = tmp_path_factory.mktemp("families-sharded") / "results.json"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    worker = Path(__file__).with_name("families_sharded_worker.py")
+    run = subprocess.run([sys.executable, str(worker), str(out), *RICH], env=env, capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("name", RICH or [pytest.param(None, marks=pytest.mark.skip("no cases"))])
+def test_sharded_on_8_devices_equals_one_device(sharded, name):
+    """`eqxlm.shard` and `from_pretrained(mesh=...)` on a 2 (fsdp) x 4 (tensor) mesh of 8 CPU
+    devices give one device's logits (float32, 1e-5), with parameters actually split."""
+    for how in ("shard", "from_pretrained"):
+        r = sharded[name][how]
+        assert "error" not in r, r
+        assert r["max_diff"] <= 1e-5 * max(1.0, r["scale"]), r
+        assert r["split_leaves"] > 0
