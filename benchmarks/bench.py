@@ -118,9 +118,8 @@ def roofline(reps, quick):
 def checkpoint(name, config, cache):
     folder = cache / name
     if not (folder / "config.json").exists():
-        cls = eqxlm.models.ARCHITECTURES[config.model_type][1]
         print(f"  writing random weights for {name} to {folder} ...", flush=True)
-        model = cls(config, key=jax.random.key(0))
+        model = eqxlm.DecoderLM(config, key=jax.random.key(0))
         eqxlm.save_pretrained(model, folder, max_shard_size="2GB")
         del model
     return folder
@@ -172,8 +171,7 @@ def bench_eqxlm(folder, dtype, reps, prompts, decode_batches, two_layer_config):
         if b == decode_batches[0]:
             res["compile decode loop (s)"] = Stat([first - statistics.median(t_long)])
     # Compile time against depth: the same width with 2 layers.
-    cls = type(model)
-    small = cls(two_layer_config, key=jax.random.key(1), dtype=jnp.dtype(dtype))
+    small = eqxlm.DecoderLM(two_layer_config, key=jax.random.key(1), dtype=jnp.dtype(dtype))
     ids = jnp.asarray(np.arange(prompts[-1]) % vocab, jnp.int32)
     first = timed(lambda: eqx.filter_jit(lambda m, i: m(i).logits)(small, ids).block_until_ready(), 1)[0]
     steady = statistics.median(timed(lambda: forward(small, ids).block_until_ready(), reps))
@@ -188,6 +186,38 @@ def bench_eqxlm(folder, dtype, reps, prompts, decode_batches, two_layer_config):
     res["compile decode loop, 2 layers (s)"] = Stat([first - steady])
     nbytes = sum(x.nbytes for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
     return res, nbytes
+
+
+# -- layers: unrolled against scanned ------------------------------------------------------
+def bench_layers(reps, quick):
+    """Compile seconds of a prefill and of the decode loop at 2 and 24 layers (quick: 2 and 6),
+    unrolled and scanned (`scan_layers=True`), and batch-1 decode tokens/s in both layouts, on a
+    BLOOM-560m-wide model (hidden 1024, 16 heads) with a 32k vocabulary, random weights."""
+    width = dict(vocab_size=512, hidden_size=64, n_head=4) if quick else dict(vocab_size=32000, hidden_size=1024, n_head=16)
+    depths = (2, 6) if quick else (2, 24)
+    prompt = 32 if quick else 128
+    rows = {}
+    for depth in depths:
+        config = eqxlm.BloomConfig(n_layer=depth, **width)
+        for layout in ("unrolled", "scanned"):
+            model = eqxlm.DecoderLM(config, key=jax.random.key(0), scan_layers=layout == "scanned")
+            ids = jnp.asarray(np.arange(prompt) % config.vocab_size, jnp.int32)
+            compiles = []
+            for _ in range(reps):  # a fresh function each time: every call compiles
+                fn = eqx.filter_jit(lambda m, i: m(i).logits)
+                first = timed(lambda fn=fn: fn(model, ids).block_until_ready(), 1)[0]
+                steady = statistics.median(timed(lambda fn=fn: fn(model, ids).block_until_ready(), 2))
+                compiles.append(first - steady)
+            gids = np.asarray(ids[None, :prompt])
+            first = timed(lambda: eqxlm.generate(model, gids, max_new_tokens=LONG, eos_token_id=[]).block_until_ready(), 1)[0]
+            t_long = timed(lambda: eqxlm.generate(model, gids, max_new_tokens=LONG, eos_token_id=[]).block_until_ready(), reps)
+            t_short = timed(lambda: eqxlm.generate(model, gids, max_new_tokens=SHORT, eos_token_id=[]).block_until_ready(), reps)
+            rows[(depth, layout)] = {
+                "compile prefill (s)": Stat(compiles),
+                "compile decode loop (s)": Stat([first - statistics.median(t_long)]),
+                "decode batch 1": decode_rate(1, t_long, t_short),
+            }
+    return depths, rows
 
 
 # -- transformers -------------------------------------------------------------------------
@@ -227,6 +257,7 @@ def main(argv=None):
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--only-load", action="store_true", help="measure only from_pretrained (seconds, peak RSS)")
+    parser.add_argument("--layers", action="store_true", help="only compile time and decode speed, unrolled vs scanned layers")
     args = parser.parse_args(argv)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     reps = args.reps or (2 if args.quick else 3)
@@ -240,6 +271,24 @@ def main(argv=None):
     flops, bandwidth = roofline(reps, args.quick)
     print(f"\nroofline: matmul {flops.cell(' GFLOP/s')}; weight streaming (f32 matrix-vector) {bandwidth.cell(' GB/s')}\n")
     report = {"roofline": {"gflops": flops.runs, "gbps": bandwidth.runs}, "models": {}}
+    if args.layers:
+        depths, rows = bench_layers(reps, args.quick)
+        print("## compile time against depth, unrolled and scanned layers (BLOOM-wide, float32)\n")
+        print("| figure | " + " | ".join(f"{d} layers, {lay}" for d in depths for lay in ("unrolled", "scanned")) + " |")
+        print("|---|" + "---|" * (2 * len(depths)))
+        layouts = [(d, lay) for d in depths for lay in ("unrolled", "scanned")]
+        for key in ("compile prefill (s)", "compile decode loop (s)", "decode batch 1"):
+            unit = "" if "(s)" in key else " tok/s"
+            print(f"| {key} | " + " | ".join(rows[c][key].cell(unit) for c in layouts) + " |")
+        for lay in ("unrolled", "scanned"):
+            deep, shallow = rows[(depths[1], lay)], rows[(depths[0], lay)]
+            ratio = deep["compile prefill (s)"].median / shallow["compile prefill (s)"].median
+            loop = deep["compile decode loop (s)"].median / shallow["compile decode loop (s)"].median
+            print(f"\n{lay}: {depths[1]}-layer / {depths[0]}-layer compile: prefill {ratio:.2f}x, decode loop {loop:.2f}x")
+        report["layers"] = {f"{d}/{lay}": {k: v.runs for k, v in r.items()} for (d, lay), r in rows.items()}
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1))
+        return
     for name, config in shapes.items():
         if args.models and name not in args.models:
             continue

@@ -1,11 +1,15 @@
-"""eqxlm: language models (BLOOM, Mistral, Llama) as small, shape-checked Equinox parts.
+"""eqxlm: language models as small, shape-checked Equinox parts.
 
-Layout: `eqxlm.nn` holds the parts, `eqxlm.models` the models composed of them,
-`eqxlm.checkpoint` Hugging Face import/export, `eqxlm.generation` the KV-cached decoder,
-`eqxlm.training` training utilities, `eqxlm.cli` the command line.
+Layout: `eqxlm.nn` holds the parts, `eqxlm.models` the contract (`AbstractCausalLM`), the
+Llama-like builder (`DecoderSpec`, `DecoderLM`) and one file per family, `eqxlm.params`
+parameter names, key maps and partition specs, `eqxlm.checkpoint` Hugging Face import/export,
+`eqxlm.generation` the KV-cached decoder, `eqxlm.training` training utilities,
+`eqxlm.sharding` meshes and placement, `eqxlm.cli` the command line.
 
-Shape vocabulary (used in every annotation; checked by beartype at call time, and at
-trace time under jit):
+Shape vocabulary (the one set of dimension names, used in every annotation; checked by
+beartype at call time, and at trace time under jit). A dimension is named by the noun
+(`kv_heads`); the number of its entries, as an argument or attribute, is `num_<noun>`
+(`num_kv_heads`, Hugging Face's `num_key_value_heads`):
 
 | dim | meaning |
 |---|---|
@@ -18,6 +22,10 @@ trace time under jit):
 | `head_dim` | width of one head |
 | `intermediate` | MLP inner width |
 | `vocab` | vocabulary size |
+| `layers` | the leading axis of stacked (scanned) layers |
+
+An `attention_mask` is always the 0/1 (or boolean) per-token mask of real tokens (1) and
+padding (0), as in Hugging Face; the boolean query x key matrices built from it are `mask`.
 
 Switch the runtime checks off with `EQXLM_TYPECHECK=0` in the environment (see
 `eqxlm._typing`).
