@@ -26,7 +26,7 @@ from .models import ARCHITECTURES, CausalLM, GenerationConfig
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
-#: Files fetched from the hub: configs, safetensors, and the tokenizer for the CLI.
+#: Files fetched from the hub: configs, safetensors, and the tokenizer (with its chat template).
 HUB_PATTERNS = [
     "config.json",
     "generation_config.json",
@@ -35,6 +35,7 @@ HUB_PATTERNS = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "chat_template.jinja",
 ]
 #: Tensors some checkpoints carry that eqxlm recomputes (rotary tables) and skips.
 SKIPPED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|(^|\.)attn\.masked_bias$|(^|\.)attn\.bias$")
