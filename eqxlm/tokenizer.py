@@ -489,8 +489,10 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike, *, revision: str | None =
 
     add_bos = bool(config.get("add_bos_token", False))
     add_eos = bool(config.get("add_eos_token", False))
-    if "add_bos_token" in config or "add_eos_token" in config or backend.post_processor is None:
-        # transformers' update_post_processor: BOS/EOS from the flags, nothing else.
+    if backend.post_processor is None:
+        # No post-processor in tokenizer.json: build one from the flags, as transformers'
+        # `update_post_processor` does. (A post-processor in the file is kept as it is, flags or
+        # not, as transformers 5.23 keeps it; that is how Llama, Mistral and Gemma ship their BOS.)
         bos, eos = special.get("bos_token"), special.get("eos_token")
         add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
         single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
