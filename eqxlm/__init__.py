@@ -2,7 +2,9 @@
 
 Layout: `eqxlm.nn` holds the parts, `eqxlm.models` the models composed of them,
 `eqxlm.checkpoint` Hugging Face import/export, `eqxlm.generation` the KV-cached decoder,
-`eqxlm.training` training utilities, `eqxlm.cli` the command line.
+`eqxlm.training` training utilities, `eqxlm.tokenizer` tokenizers and chat templates,
+`eqxlm.chat` multi-turn chat with a kept KV cache, `eqxlm.harness` the lm-evaluation-harness
+adapter (optional extra `eval`), `eqxlm.cli` the command line.
 
 Shape vocabulary (used in every annotation; checked by beartype at call time, and at
 trace time under jit):
@@ -44,6 +46,7 @@ from .models import (
 )
 from .nn import KVCache
 from .sharding import shard
+from .tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
 
@@ -67,6 +70,7 @@ __all__ = [
     "default_model_path",
     "from_pretrained",
     "generate",
+    "load_tokenizer",
     "models",
     "nn",
     "parameter_count",
