@@ -307,3 +307,15 @@ def test_bad_folders_are_named(tmp_path, backends):
     tok = load_tokenizer(write_folder(tmp_path / "plain", backends["bytelevel"], {}, None))
     with pytest.raises(ChatTemplateError, match="has no chat template"):
         tok.apply_chat_template([U1])
+
+
+def test_default_model_tokenizer_config_is_the_training_scripts():
+    """`scripts/train_default_model.py` writes the shipped tokenizer_config.json (a rebuild keeps it)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_default_model.py"
+    spec = importlib.util.spec_from_file_location("train_default_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shipped = (_default_folder() / "tokenizer_config.json").read_text()
+    assert json.dumps(module.TOKENIZER_CONFIG, indent=2) + "\n" == shipped
