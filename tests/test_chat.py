@@ -176,3 +176,24 @@ def test_chat_needs_a_template(tmp_path):
         (folder / name).symlink_to(eqxlm.default_model_path() / name)
     out = subprocess.run([sys.executable, "-m", "eqxlm.cli", "chat", str(folder)], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "has no chat template" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_template_that_is_not_incremental_reprefills(default):
+    """A template whose renderings are not prefixes of each other (here: a message count up
+    front) makes the session prefill the whole conversation again, and still answer right."""
+    import dataclasses
+
+    model, tok = default
+    counting = dataclasses.replace(
+        tok, chat_template="{{ messages | length }}{% for m in messages %} {{ m['content'] }}\n{% endfor %}{{ eos_token }}"
+    )
+    session = ChatSession(model, counting, max_new_tokens=8)
+    session.reply(QUESTIONS[0])
+    session.reply(QUESTIONS[1])
+    stats = session.turn_stats[-1]
+    assert stats.reprefilled and stats.prefilled == stats.prompt_end == len(
+        counting.apply_chat_template(session.messages[:-1], add_generation_prompt=True)
+    )
+    prompt = np.asarray([session.history[: stats.prompt_end]], np.int32)
+    tokens = eqxlm.generate(model, prompt, max_new_tokens=len(stats.generated), eos_token_id=[])
+    assert np.asarray(tokens)[0, prompt.shape[1] :].tolist() == stats.generated

@@ -319,3 +319,17 @@ def test_default_model_tokenizer_config_is_the_training_scripts():
     spec.loader.exec_module(module)
     shipped = (_default_folder() / "tokenizer_config.json").read_text()
     assert json.dumps(module.TOKENIZER_CONFIG, indent=2) + "\n" == shipped
+
+
+def test_generation_block_tag_matches_transformers(folders):
+    """`{% generation %}` (transformers' assistant-mask marker) renders its body."""
+    folder = folders["bytelevel", "qwen2"]
+    ours, hf = load_tokenizer(folder), oracle(folder)
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
+        "{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    for messages in CONVERSATIONS.values():
+        got = ours.apply_chat_template(messages, chat_template=template, add_generation_prompt=True)
+        assert got == hf_ids(hf, messages, chat_template=template, add_generation_prompt=True)
