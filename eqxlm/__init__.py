@@ -4,7 +4,9 @@ Layout: `eqxlm.nn` holds the parts, `eqxlm.models` the contract (`AbstractCausal
 Llama-like builder (`DecoderSpec`, `DecoderLM`) and one file per family, `eqxlm.params`
 parameter names, key maps and partition specs, `eqxlm.checkpoint` Hugging Face import/export,
 `eqxlm.generation` the KV-cached decoder, `eqxlm.training` training utilities,
-`eqxlm.sharding` meshes and placement, `eqxlm.cli` the command line.
+`eqxlm.sharding` meshes and placement, `eqxlm.tokenizer` tokenizers and chat templates,
+`eqxlm.chat` multi-turn chat with a kept KV cache, `eqxlm.harness` the lm-evaluation-harness
+adapter (optional extra `eval`), `eqxlm.cli` the command line.
 
 Shape vocabulary (the one set of dimension names, used in every annotation; checked by
 beartype at call time, and at trace time under jit). A dimension is named by the noun
@@ -53,6 +55,7 @@ from .models import (
 from .nn import Cache, KVCache
 from .params import parameter_count, state_dict
 from .sharding import shard
+from .tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
 
@@ -104,6 +107,7 @@ __all__ = [
     "from_pretrained",
     "generate",
     "hf_state_dict",
+    "load_tokenizer",
     "models",
     "nn",
     "parameter_count",

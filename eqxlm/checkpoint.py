@@ -28,7 +28,7 @@ from .params import CheckpointTensor, leaf_specs, param_refs, parameter_count
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
-#: Files fetched from the hub: configs, safetensors, and the tokenizer for the CLI.
+#: Files fetched from the hub: configs, safetensors, and the tokenizer (with its chat template).
 HUB_PATTERNS = [
     "config.json",
     "generation_config.json",
@@ -37,6 +37,7 @@ HUB_PATTERNS = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "chat_template.jinja",
 ]
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

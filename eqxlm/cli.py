@@ -2,13 +2,14 @@
 
 eqxlm generate --prompt "The return statement"           # the embedded default model
 eqxlm generate path/or/org/repo --prompt "..." --temperature 0 --max-new-tokens 50
+eqxlm chat [MODEL]                                      # talk to it (chat template, KV cache kept)
+eqxlm eval MODEL --tasks TASKS [--include-path DIR]     # lm-evaluation-harness (extra `eqxlm[eval]`)
 eqxlm info [MODEL]                                      # architecture, sizes, files
 """
 
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ import numpy as np
 
 from . import checkpoint
 from .default import DEFAULT_MODEL
+from .tokenizer import load_tokenizer
 
 _COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_trace_duration",
@@ -41,23 +43,14 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _load_tokenizer(folder: Path):
-    from tokenizers import Tokenizer
-
-    path = folder / "tokenizer.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{folder} has no tokenizer.json; `eqxlm generate` needs one to read and write text.")
-    return Tokenizer.from_file(str(path))
-
-
 def cmd_generate(args) -> int:
     from .generation import generate
 
     timer = _CompileTimer()
     folder = checkpoint.resolve(args.model, revision=args.revision)
-    tokenizer = _load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder)
     model = checkpoint.from_pretrained(folder, dtype=args.dtype)
-    ids = tokenizer.encode(args.prompt).ids
+    ids = tokenizer.encode(args.prompt)
     bos = model.generation_config.bos_token_id if model.generation_config else None
     if not args.no_bos and bos is not None and (not ids or ids[0] != bos):
         ids = [bos, *ids]
@@ -66,21 +59,18 @@ def cmd_generate(args) -> int:
 
     eos = set(model.generation_config.eos_token_id or ()) if model.generation_config else set()
     produced: list[int] = []
-    printed = ""
     times: list[float] = []
+    decoder = tokenizer.stream_decoder()  # holds back half a multi-byte character
 
     def stream(tokens: np.ndarray) -> None:
-        nonlocal printed
         times.append(time.perf_counter())
         token = int(tokens[0])
         if produced and produced[-1] in eos:
             return
         produced.append(token)
-        text = tokenizer.decode([t for t in produced if t not in eos])
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(printed) :])
+        if token not in eos:
+            sys.stdout.write(decoder.push(token))
             sys.stdout.flush()
-            printed = text
 
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
@@ -98,6 +88,7 @@ def cmd_generate(args) -> int:
         streamer=stream,
     ).block_until_ready()
     end = time.perf_counter()
+    sys.stdout.write(decoder.flush())
     decode_rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else float("nan")
     print()
     mode = (
@@ -109,6 +100,39 @@ def cmd_generate(args) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def cmd_chat(args) -> int:
+    from .chat import ChatSession, run
+
+    folder = checkpoint.resolve(args.model, revision=args.revision)
+    tokenizer = load_tokenizer(folder)
+    model = checkpoint.from_pretrained(folder, dtype=args.dtype)
+    session = ChatSession(
+        model,
+        tokenizer,
+        system=args.system,
+        max_length=args.max_length,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    print(
+        f"eqxlm chat: {args.model} ({type(model).__name__}, up to {session.max_length} tokens). "
+        "Ctrl-D or Ctrl-C to quit, /reset for a new conversation.",
+        file=sys.stderr,
+    )
+    return run(session)
+
+
+def cmd_eval(args) -> int:
+    try:
+        from .harness import evaluate
+    except ImportError as e:
+        return _fail(f"`eqxlm eval` needs lm-evaluation-harness: pip install 'eqxlm[eval]' ({e}).")
+    return evaluate(args)
 
 
 def cmd_info(args) -> int:
@@ -157,6 +181,55 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--revision", default=None, help="hub branch, tag or commit")
     gen.add_argument("--no-bos", action="store_true", help="do not prepend the model's BOS token")
     gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser(
+        "chat",
+        help="talk to a model in the terminal",
+        description="An interactive conversation using the checkpoint's chat template. Replies stream as they are "
+        "produced; the KV cache is kept across turns, so each turn prefills only its new tokens. Ctrl-D or Ctrl-C "
+        "quits; /reset starts a new conversation. Greedy by default.",
+    )
+    chat.add_argument(
+        "model",
+        nargs="?",
+        default=DEFAULT_MODEL,
+        metavar="MODEL",
+        help=f"checkpoint folder or hub repo id with a chat template (default: {DEFAULT_MODEL})",
+    )
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--max-new-tokens", "-n", type=int, default=256, help="longest reply in tokens (default 256)")
+    chat.add_argument("--max-length", type=int, default=None, help="tokens the conversation may hold (default: the model's)")
+    chat.add_argument("--temperature", "-t", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
+    chat.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens (default off)")
+    chat.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (default off)")
+    chat.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    chat.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="compute dtype (default: the checkpoint's)"
+    )
+    chat.add_argument("--revision", default=None, help="hub branch, tag or commit")
+    chat.set_defaults(func=cmd_chat)
+
+    ev = sub.add_parser(
+        "eval",
+        help="score a model with lm-evaluation-harness",
+        description="Run lm-evaluation-harness tasks on a checkpoint through eqxlm's adapter (needs the `eval` extra: "
+        "pip install 'eqxlm[eval]'), with a progress bar, and print lm-eval's results table.",
+    )
+    ev.add_argument("model", metavar="MODEL", help="checkpoint folder or hub repo id (eqxlm/default for the embedded model)")
+    ev.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    ev.add_argument("--include-path", default=None, help="folder of extra task YAML files")
+    ev.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1)")
+    ev.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt")
+    ev.add_argument("--batch-size", type=int, default=8, help="requests per compiled batch (default 8)")
+    ev.add_argument("--max-length", type=int, default=None, help="context length (default: the model's)")
+    ev.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="compute dtype (default: the checkpoint's)"
+    )
+    ev.add_argument("--output-path", default=None, help="write results (and samples with --log-samples) here")
+    ev.add_argument("--log-samples", action="store_true", help="keep every request's inputs and outputs")
+    ev.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    ev.add_argument("--revision", default=None, help="hub branch, tag or commit")
+    ev.set_defaults(func=cmd_eval)
 
     info = sub.add_parser(
         "info", help="describe a checkpoint", description="Print a checkpoint's architecture, parameter count and config."

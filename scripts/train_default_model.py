@@ -11,8 +11,10 @@ split 95/5 into train and validation by a CRC of their text.
 Tokenizer: byte-level BPE trained with `tokenizers` (vocabulary 2048, `<|endoftext|>`
 separates documents and is BOS/EOS). Model: Mistral (GQA, sliding window 64 shorter than
 the 128-token training context), ~2M parameters, float32. Writes a Hugging Face folder
-with `config.json`, `model.safetensors`, `generation_config.json`, `tokenizer.json` and
-`training_log.json` (losses, validation perplexity, unigram baseline, timings).
+with `config.json`, `model.safetensors`, `generation_config.json`, `tokenizer.json`,
+`tokenizer_config.json` (special tokens and a simple chat template, for `eqxlm chat`,
+transformers' AutoTokenizer and lm-eval's `hf` backend) and `training_log.json` (losses,
+validation perplexity, unigram baseline, timings).
 """
 
 import argparse
@@ -63,6 +65,35 @@ def corpus() -> list[str]:
 def split(docs: list[str]) -> tuple[list[str], list[str]]:
     is_val = [zlib.crc32(d.encode()) % 20 == 0 for d in docs]
     return [d for d, v in zip(docs, is_val, strict=True) if not v], [d for d, v in zip(docs, is_val, strict=True) if v]
+
+
+# `<|endoftext|>` (id 0) is BOS, EOS and padding; the chat template turns a conversation into
+# "Role: text" documents, each ended by `<|endoftext|>` (the model saw documents, not dialogues).
+TOKENIZER_CONFIG = {
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    "bos_token": "<|endoftext|>",
+    "eos_token": "<|endoftext|>",
+    "pad_token": "<|endoftext|>",
+    "add_bos_token": False,
+    "add_eos_token": False,
+    "padding_side": "right",
+    "model_max_length": 512,
+    "clean_up_tokenization_spaces": False,
+    "added_tokens_decoder": {
+        "0": {
+            "content": "<|endoftext|>",
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+    },
+    "chat_template": (
+        "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] | trim }}\n"
+        "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+    ),
+}
 
 
 def train_tokenizer(docs: list[str], vocab_size: int) -> Tokenizer:
@@ -162,6 +193,7 @@ def main(argv=None) -> None:
 
     out = eqxlm.save_pretrained(model, args.out)
     tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
     log = {
         "command": "python scripts/train_default_model.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "args": vars(args),
