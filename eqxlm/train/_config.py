@@ -18,14 +18,32 @@ def _opt(default, help: str, **kw):
 class TrainConfig:
     """Options of `eqxlm.train.train`. Only `data` and `output_dir` are required."""
 
-    data: tuple[str, ...] = _opt((), "text (.txt: documents separated by blank lines) or JSONL (.jsonl: one document per line, in the `text_field` field) files", nargs="+")
-    output_dir: str = _opt("", "run folder: train_config.json, metrics.jsonl, loss.png, checkpoints/ and, at the end, export/ (a Hugging Face folder)")
-    model: str | None = _opt(None, "checkpoint to fine-tune: a local Hugging Face folder or a hub repo id (`eqxlm/default` is the embedded model); default eqxlm/default unless --model-config is given")
-    model_config: str | None = _opt(None, "train a fresh, randomly initialised model from this config.json (or a folder holding one) instead of a checkpoint; needs --tokenizer unless the folder has tokenizer.json")
+    data: tuple[str, ...] = _opt(
+        (),
+        "text (.txt: documents separated by blank lines) or JSONL (.jsonl: one document per line, "
+        "in the `text_field` field) files",
+        nargs="+",
+    )
+    output_dir: str = _opt(
+        "",
+        "run folder: train_config.json, metrics.jsonl, loss.png, checkpoints/ and, at the end, export/ (a Hugging Face folder)",
+    )
+    model: str | None = _opt(
+        None,
+        "checkpoint to fine-tune: a local Hugging Face folder or a hub repo id (`eqxlm/default` is the "
+        "embedded model); default eqxlm/default unless --model-config is given",
+    )
+    model_config: str | None = _opt(
+        None,
+        "train a fresh, randomly initialised model from this config.json (or a folder holding one) instead "
+        "of a checkpoint; needs --tokenizer unless the folder has tokenizer.json",
+    )
     tokenizer: str | None = _opt(None, "tokenizer.json (or a folder holding one); default: the checkpoint's")
     revision: str | None = _opt(None, "hub branch, tag or commit of --model")
     text_field: str = _opt("text", "the JSONL field holding a document's text")
-    seq_len: int = _opt(128, "tokens per packed training sequence (documents are joined with EOS and cut into windows of this length)")
+    seq_len: int = _opt(
+        128, "tokens per packed training sequence (documents are joined with EOS and cut into windows of this length)"
+    )
     batch_size: int = _opt(8, "sequences per optimiser step, over all processes (divided into --grad-accum micro-batches)")
     grad_accum: int = _opt(1, "micro-batches per optimiser step (gradient accumulation); must divide --batch-size")
     steps: int = _opt(100, "optimiser steps in the whole run")
@@ -44,19 +62,37 @@ class TrainConfig:
     async_checkpointing: bool = _opt(True, "write checkpoints in the background while training continues")
     mixed_precision: bool = _opt(False, "bfloat16 compute with float32 master weights, gradients and optimiser state")
     remat: bool = _opt(False, "recompute each decoder layer's activations in the backward pass (less memory, more compute)")
-    mesh: str = _opt("data=-1", "device mesh as AXIS=SIZE pairs over data, fsdp, tensor, e.g. `fsdp=4,tensor=2`; -1 = all remaining devices (of every process)")
-    resume: bool = _opt(False, "continue from the latest complete checkpoint in --output-dir (the options must equal the saved ones)")
+    mesh: str = _opt(
+        "data=-1",
+        "device mesh as AXIS=SIZE pairs over data, fsdp, tensor, e.g. `fsdp=4,tensor=2`; -1 = all "
+        "remaining devices (of every process)",
+    )
+    resume: bool = _opt(
+        False, "continue from the latest complete checkpoint in --output-dir (the options must equal the saved ones)"
+    )
     export: bool = _opt(True, "write the trained model as a Hugging Face folder (output_dir/export) at the end")
     progress: bool = _opt(True, "show a progress bar (on process 0)")
     plot: bool = _opt(True, "draw loss.png at the end (needs matplotlib; skipped without it)")
-    coordinator_address: str | None = _opt(None, "multi-process: HOST:PORT of process 0's coordinator (or env JAX_COORDINATOR_ADDRESS)")
+    coordinator_address: str | None = _opt(
+        None, "multi-process: HOST:PORT of process 0's coordinator (or env JAX_COORDINATOR_ADDRESS)"
+    )
     num_processes: int | None = _opt(None, "multi-process: number of processes (or env EQXLM_NUM_PROCESSES)")
     process_id: int | None = _opt(None, "multi-process: this process's index, 0..num_processes-1 (or env EQXLM_PROCESS_ID)")
 
     # Options that may change when resuming: they do not change what is computed.
     RESUMABLE = frozenset(
-        {"resume", "progress", "plot", "export", "async_checkpointing", "keep_checkpoints", "save_every", "log_every",
-         "coordinator_address", "process_id"}
+        {
+            "resume",
+            "progress",
+            "plot",
+            "export",
+            "async_checkpointing",
+            "keep_checkpoints",
+            "save_every",
+            "log_every",
+            "coordinator_address",
+            "process_id",
+        }
     )
 
     def __post_init__(self):

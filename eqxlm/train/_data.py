@@ -54,9 +54,13 @@ def read_documents(paths, text_field: str = "text") -> list[str]:
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{number}: not valid JSON ({e.msg}).") from None
                 if not isinstance(record, dict) or text_field not in record:
-                    raise DataError(f"{path}:{number}: no {text_field!r} field (expected an object like {{{text_field!r}: ...}}).")
+                    raise DataError(
+                        f"{path}:{number}: no {text_field!r} field (expected an object like {{{text_field!r}: ...}})."
+                    )
                 if not isinstance(record[text_field], str):
-                    raise DataError(f"{path}:{number}: field {text_field!r} is {type(record[text_field]).__name__}, expected a string.")
+                    raise DataError(
+                        f"{path}:{number}: field {text_field!r} is {type(record[text_field]).__name__}, expected a string."
+                    )
                 if record[text_field].strip():
                     found.append(record[text_field])
         else:

@@ -26,7 +26,14 @@ from ..training import make_optimizer, next_token_loss, remat_layers
 from ._config import TrainConfig
 from ._data import DataError, global_batch, pack, process_rows, read_documents, split_documents, token_stream, train_iterator
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 class TrainError(ValueError):
@@ -259,9 +266,7 @@ def train(config: TrainConfig, *, trainable=eqx.is_array) -> Run:
     elif saved_config_path.exists():
         diffs = config.changed_from(json.loads(saved_config_path.read_text()))
         if diffs:
-            raise TrainError(
-                f"cannot resume {out} with changed options (nothing was changed):\n  " + "\n  ".join(diffs)
-            )
+            raise TrainError(f"cannot resume {out} with changed options (nothing was changed):\n  " + "\n  ".join(diffs))
     elif steps_done:
         raise TrainError(f"{ckpt_dir} has checkpoints but {saved_config_path} is missing: not an eqxlm run folder.")
 
@@ -314,8 +319,15 @@ def train(config: TrainConfig, *, trainable=eqx.is_array) -> Run:
     replicated = NamedSharding(mesh, P())
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     with jax.numpy_dtype_promotion("standard"):
-        opt_state = jax.jit(optimizer.init)(params)
-    opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
+        # Moments take their parameter's layout; counts and other scalars are replicated.
+        opt_shardings = optax.tree_map_params(
+            optimizer,
+            lambda _, s: s,
+            jax.eval_shape(optimizer.init, params),
+            param_shardings,
+            transform_non_params=lambda _: replicated,
+        )
+        opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     key = jax.device_put(jax.random.key_data(jax.random.key(config.seed)), replicated)
     batch_shape = (config.grad_accum, micro, config.seq_len)
     batch_spec = NamedSharding(mesh, P(None, batch_axes or None, None))
@@ -410,8 +422,16 @@ def train(config: TrainConfig, *, trainable=eqx.is_array) -> Run:
             now = time.perf_counter()
             rate = (step - began_step) * tokens_per_step / (now - began) if now > began else float("nan")
             began, began_step = now, step  # tokens/s over the interval since the last row
-            log({"step": step, "loss": loss_value, "grad_norm": float(grad_norm), "learning_rate": float(optimizer_lr(config, step)),
-                 "tokens": step * tokens_per_step, "tokens_per_s": rate})
+            log(
+                {
+                    "step": step,
+                    "loss": loss_value,
+                    "grad_norm": float(grad_norm),
+                    "learning_rate": float(optimizer_lr(config, step)),
+                    "tokens": step * tokens_per_step,
+                    "tokens_per_s": rate,
+                }
+            )
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}")
         if len(eval_windows) and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):
             log({"step": step, **evaluate()})
