@@ -83,6 +83,7 @@ class TrainConfig:
     RESUMABLE = frozenset(
         {
             "resume",
+            "output_dir",  # a moved run folder
             "progress",
             "plot",
             "export",

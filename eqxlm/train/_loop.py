@@ -146,12 +146,13 @@ def _identity_mismatch(saved: dict, now: dict) -> str | None:
 
 # -- checkpoints -------------------------------------------------------------------------------
 def complete_steps(ckpt_dir: Path) -> list[int]:
-    """Steps with a finished checkpoint. Orbax writes a step into a temporary folder and renames
-    it when every process is done (the atomic finalize), then `_CHECKPOINT_METADATA`; a folder
-    still named `N.orbax-checkpoint-tmp-*`, or a bare `N/` without that file, is not complete."""
+    """Steps with a finished checkpoint. Orbax writes a step into `N.orbax-checkpoint-tmp-*`
+    and, once every process is done (its finalize), writes `commit_success.txt` and renames the
+    folder to `N` (on object stores, which cannot rename, the marker alone commits it). A
+    temporary folder, or an `N/` without the marker, is a half-written step and never counts."""
     if not ckpt_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").is_file())
+    return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit() and (p / "commit_success.txt").is_file())
 
 
 def _manager(ckpt_dir: Path, config: TrainConfig):
@@ -161,6 +162,7 @@ def _manager(ckpt_dir: Path, config: TrainConfig):
         max_to_keep=config.keep_checkpoints,
         enable_async_checkpointing=config.async_checkpointing,
         create=True,
+        cleanup_tmp_directories=True,  # half-written steps of a killed run
     )
     return ocp.CheckpointManager(ckpt_dir, options=options, item_names=("state", "data", "meta"))
 
@@ -199,7 +201,7 @@ def make_step(static, optimizer, *, compute_dtype, remat: bool, param_shardings,
         params = jax.lax.with_sharding_constraint(params, param_shardings)
         opt_state = jax.lax.with_sharding_constraint(opt_state, opt_shardings)
         key = jax.random.split(key)[0]  # carried for stochastic layers; eqxlm's models draw nothing today
-        return params, opt_state, key, total / count, optax.global_norm(grads)
+        return params, opt_state, key, total / count, optax.tree.norm(grads)
 
     return jax.jit(step, donate_argnums=(0, 1, 2))
 
