@@ -44,8 +44,7 @@ def corpus(path: Path, n: int = 40) -> Path:
     return path
 
 
-def run_train(args: list[str], *, devices: int = 1, driver: list[str] | None = None, timeout: int = 600, extra_env=None):
-    """`eqxlm train ARGS` in a fresh process (through tests/train_driver.py when `driver` is given)."""
+def _popen_args(args: list[str], *, devices: int = 1, driver: list[str] | None = None, extra_env=None):
     env = {
         **os.environ,
         **QUIET,
@@ -58,7 +57,17 @@ def run_train(args: list[str], *, devices: int = 1, driver: list[str] | None = N
         command = [sys.executable, "-m", "eqxlm.cli", "train", *args]
     else:
         command = [sys.executable, str(REPO / "tests" / "train_driver.py"), *driver, "--", *args]
-    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return (command,), {"env": env, "cwd": REPO, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+
+
+def run_train(args: list[str], *, devices: int = 1, driver: list[str] | None = None, timeout: int = 600, extra_env=None):
+    """`eqxlm train ARGS` in a fresh process (through tests/train_driver.py when `driver` is given),
+    with `devices` simulated CPU devices."""
+    (command,), kwargs = _popen_args(args, devices=devices, driver=driver, extra_env=extra_env)
+    return subprocess.run(command, timeout=timeout, **kwargs)
+
+
+run_train.popen_args = _popen_args
 
 
 def metrics(run_dir: Path) -> list[dict]:

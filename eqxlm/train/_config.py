@@ -62,6 +62,12 @@ class TrainConfig:
     async_checkpointing: bool = _opt(True, "write checkpoints in the background while training continues")
     mixed_precision: bool = _opt(False, "bfloat16 compute with float32 master weights, gradients and optimiser state")
     remat: bool = _opt(False, "recompute each decoder layer's activations in the backward pass (less memory, more compute)")
+    fixed_order_reductions: bool = _opt(
+        False,
+        "sum the batch shards' losses and gradients in a fixed order (gather, then add) instead of an all-reduce: "
+        "bitwise the same result on any number of processes for a data-parallel mesh, for the memory of one "
+        "gradient per batch shard on each device",
+    )
     mesh: str = _opt(
         "data=-1",
         "device mesh as AXIS=SIZE pairs over data, fsdp, tensor, e.g. `fsdp=4,tensor=2`; -1 = all "

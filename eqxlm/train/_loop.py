@@ -172,11 +172,27 @@ def _cast_floats(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def make_step(static, optimizer, *, compute_dtype, remat: bool, param_shardings, opt_shardings):
+def make_step(
+    static,
+    optimizer,
+    *,
+    compute_dtype,
+    remat: bool,
+    param_shardings,
+    opt_shardings,
+    fixed_order_over: NamedSharding | None = None,
+):
     """The jitted optimiser step on `(accum, micro, seq)` token windows: summed token losses
     and gradients over the micro-batches (`lax.scan`), divided by the token count, clipped and
     applied by `optimizer`. **Returns:** `step(params, opt_state, key, frozen, batch) ->
-    (params, opt_state, key, loss, grad_norm)`."""
+    (params, opt_state, key, loss, grad_norm)`.
+
+    `fixed_order_over` (the sharding of a `(shards,)` vector over the mesh's batch axes):
+    each batch shard's loss and gradient are computed on their own (`vmap` over shards),
+    gathered (exact) and summed in shard order, instead of XLA's all-reduce, whose summation
+    order depends on the collective's implementation (in-process vs gloo/NCCL across
+    processes). Then a data-parallel run is bitwise the same on any process layout, for the
+    memory of `shards` gradients per device."""
 
     def loss_sums(params, frozen, ids):
         model = eqx.combine(_cast_floats(params, compute_dtype), _cast_floats(frozen, compute_dtype), static)
@@ -185,11 +201,26 @@ def make_step(static, optimizer, *, compute_dtype, remat: bool, param_shardings,
         return jnp.sum(total), jnp.sum(count)
 
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+    if fixed_order_over is not None:
+        mesh, (axes,) = fixed_order_over.mesh, fixed_order_over.spec
+        shard_count = int(np.prod([mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))]))
+        sharded_rows = NamedSharding(mesh, P(axes, None, None))
+        gathered_vec = NamedSharding(mesh, P(None))
+        gathered_grads = jax.tree.map(lambda sh: NamedSharding(mesh, P(None, *sh.spec)), param_shardings)
 
     def step(params, opt_state, key, frozen, batch):
         def body(carry, ids):
             grads, total, count = carry
-            (t, c), g = grad_fn(params, frozen, ids)
+            if fixed_order_over is None:
+                (t, c), g = grad_fn(params, frozen, ids)
+            else:
+                per_shard = ids.reshape(shard_count, -1, ids.shape[-1])
+                per_shard = jax.lax.with_sharding_constraint(per_shard, sharded_rows)
+                (t, c), g = jax.vmap(grad_fn, in_axes=(None, None, 0))(params, frozen, per_shard)
+                t, c = jax.lax.with_sharding_constraint((t, c), (gathered_vec, gathered_vec))
+                g = jax.lax.with_sharding_constraint(g, gathered_grads)
+                t, c = jnp.sum(t), jnp.sum(c)
+                g = jax.tree.map(lambda x: jnp.sum(x, axis=0), g)
             return (jax.tree.map(jnp.add, grads, g), total + t, count + c), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -383,6 +414,7 @@ def train(config: TrainConfig, *, trainable=eqx.is_array) -> Run:
         remat=config.remat,
         param_shardings=param_shardings,
         opt_shardings=opt_shardings,
+        fixed_order_over=NamedSharding(mesh, P(batch_axes)) if config.fixed_order_reductions and batch_axes else None,
     )
     eval_fn = make_eval(static, compute_dtype=jnp.bfloat16 if config.mixed_precision else jnp.float32)
     eval_spec = NamedSharding(mesh, P(batch_axes or None, None))
