@@ -132,7 +132,10 @@ def cmd_train(args) -> int:
     import dataclasses
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    run = train(TrainConfig(**values))
+    try:
+        run = train(TrainConfig(**values))
+    except ImportError as e:
+        return _fail(str(e))
     if run.export_dir is not None:
         print(f"exported {run.export_dir}", file=sys.stderr)
     return 0

@@ -93,12 +93,6 @@ def test_trainable_filter_freezes_the_rest(files, tmp_path):
         assert same == (name != "lm_head.weight"), name
 
 
-def test_gradient_accumulation_equals_one_big_batch(files, tmp_path):
-    one = train(_config(files, tmp_path / "one", steps=2, batch_size=4, eval_fraction=0.0, export=False))
-    four = train(_config(files, tmp_path / "four", steps=2, batch_size=4, grad_accum=4, eval_fraction=0.0, export=False))
-    np.testing.assert_allclose([r["loss"] for r in four.history], [r["loss"] for r in one.history], rtol=1e-6)
-
-
 # -- bad input: a clear error before any compute, nothing overwritten --------------------------------------
 @pytest.fixture
 def no_compute(monkeypatch):

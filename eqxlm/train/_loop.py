@@ -282,9 +282,14 @@ def train(config: TrainConfig, *, trainable=eqx.is_array) -> Run:
     here: wrap the model's layers and pass a filter that selects only the adapter weights.
     """
     config.check()
+    try:
+        import grain  # noqa: F401
+        import orbax.checkpoint  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"eqxlm.train needs the train extra (pip install 'eqxlm[train]'): {e}") from None
     _init_distributed(config)
     is_main = jax.process_index() == 0
-    out = Path(config.output_dir)
+    out = Path(config.output_dir).absolute()  # Orbax wants absolute paths
     ckpt_dir = out / "checkpoints"
 
     # 1. The run folder: a new run needs an empty one; a resume needs the same options.
