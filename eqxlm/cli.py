@@ -5,6 +5,7 @@ eqxlm generate path/or/org/repo --prompt "..." --temperature 0 --max-new-tokens 
 eqxlm chat [MODEL]                                      # talk to it (chat template, KV cache kept)
 eqxlm eval MODEL --tasks TASKS [--include-path DIR]     # lm-evaluation-harness (extra `eqxlm[eval]`)
 eqxlm info [MODEL]                                      # architecture, sizes, files
+eqxlm train --data notes.txt --output-dir runs/a        # fine-tune (needs the `train` extra)
 """
 
 import argparse
@@ -147,6 +148,47 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    try:
+        from .train import TrainConfig, train
+    except ImportError as e:
+        return _fail(f"`eqxlm train` needs the train extra (pip install 'eqxlm[train]'): {e}.")
+    import dataclasses
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    try:
+        run = train(TrainConfig(**values))
+    except ImportError as e:
+        return _fail(str(e))
+    if run.export_dir is not None:
+        print(f"exported {run.export_dir}", file=sys.stderr)
+    return 0
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per `TrainConfig` field (`--seq-len` for `seq_len`), help from its metadata."""
+    import dataclasses
+    import typing
+
+    from .train._config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        help_text = f.metadata["help"]
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        elif f.metadata.get("nargs"):
+            parser.add_argument(flag, nargs=f.metadata["nargs"], required=True, metavar="FILE", help=help_text)
+        else:
+            required = f.name == "output_dir"
+            default = None if required else f.default
+            suffix = "" if required or f.default is None else f" (default {f.default})"
+            parser.add_argument(flag, type=base, default=default, required=required, help=help_text + suffix)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eqxlm",
@@ -243,6 +285,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("--revision", default=None, help="hub branch, tag or commit")
     info.set_defaults(func=cmd_info)
+
+    trainer = sub.add_parser(
+        "train",
+        help="fine-tune a checkpoint (or train a fresh model) on text/JSONL files",
+        description="Fine-tune a checkpoint or train a fresh model from a config.json on text or JSONL files, with "
+        "resumable Orbax checkpoints, held-out evaluation, metrics.jsonl, loss.png and a Hugging Face export at the end. "
+        "Every flag is a field of eqxlm.train.TrainConfig. Several processes: run the same command on every host with "
+        "--coordinator-address, --num-processes and --process-id (or the JAX_COORDINATOR_ADDRESS, EQXLM_NUM_PROCESSES, "
+        "EQXLM_PROCESS_ID environment variables). Needs the train extra: pip install 'eqxlm[train]'.",
+    )
+    try:
+        _add_train_options(trainer)
+    except ImportError:  # the train extra is missing: `eqxlm train` says so when run
+        trainer.add_argument("rest", nargs=argparse.REMAINDER)
+    trainer.set_defaults(func=cmd_train)
     return parser
 
 
