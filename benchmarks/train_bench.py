@@ -123,7 +123,7 @@ def checkpoint_times(shapes, work: Path, reps: int) -> list[dict]:
         hidden, inter, layers, heads, vocab = shape
         config = eqxlm.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                                    num_attention_heads=heads, num_key_value_heads=heads)  # fmt: skip
-        params = eqx.filter(eqxlm.LlamaForCausalLM(config, key=jax.random.key(0)), eqx.is_array)
+        params = eqx.filter(eqxlm.DecoderLM(config, key=jax.random.key(0)), eqx.is_array)
         with jax.numpy_dtype_promotion("standard"):
             opt_state = make_optimizer(1e-3, total_steps=10).init(params)
         state = {"params": params, "opt_state": opt_state}

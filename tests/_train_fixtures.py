@@ -30,7 +30,7 @@ def tiny_llama(folder: Path, *, hidden: int = 32, seed: int = 0) -> Path:
         eos_token_id=0,
         initializer_range=0.1,
     )
-    eqxlm.save_pretrained(eqxlm.LlamaForCausalLM(config, key=jax.random.key(seed)), folder)
+    eqxlm.save_pretrained(eqxlm.DecoderLM(config, key=jax.random.key(seed)), folder)
     shutil.copy(eqxlm.default_model_path() / "tokenizer.json", folder / "tokenizer.json")
     return folder
 

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from .. import checkpoint, sharding
+from ..params import state_dict
 from ..training import make_optimizer, next_token_loss, remat_layers
 from ._config import TrainConfig
 from ._data import DataError, global_batch, pack, process_rows, read_documents, split_documents, token_stream, train_iterator
@@ -96,9 +97,9 @@ def _load_model(config: TrainConfig, mesh):
         if path.is_file() and path.name != "config.json":
             raise TrainError(f"model_config: expected a file named config.json or its folder, got {path}.")
         model_config = checkpoint.load_config(folder)
-        from ..models import ARCHITECTURES
+        from ..models import lookup
 
-        cls = ARCHITECTURES[model_config.model_type][1]
+        cls = lookup(model_config.model_type)[1]
         model = cls(model_config, key=jax.random.key(config.seed))
         model = jax.tree.map(lambda x: x.astype(jnp.float32) if eqx.is_inexact_array(x) else x, model)
         model = sharding.shard(model, mesh)
@@ -124,9 +125,9 @@ def _special_tokens(model) -> tuple[int | None, int]:
 def model_identity(model) -> dict:
     """What a checkpoint must match: architecture, config and every parameter's shape."""
     return {
-        "architecture": type(model).__name__,
+        "architecture": f"{type(model).__name__} ({model.config.model_type})",
         "config": json.loads(json.dumps(model.config.to_hf(), default=str)),
-        "parameters": {name: list(leaf.shape) for name, leaf in checkpoint.state_dict(model).items()},
+        "parameters": {name: list(leaf.shape) for name, leaf in state_dict(model).items()},
     }
 
 
