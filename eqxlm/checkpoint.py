@@ -17,12 +17,15 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors
 import safetensors.numpy
 from tqdm import tqdm
 
+from . import _safetensors as st
+from ._memory import check_fits_in_memory
+from ._safetensors import CheckpointError
 from .default import DEFAULT_MODEL, default_model_path
-from .models import ARCHITECTURES, CausalLM, GenerationConfig
+from .models import ARCHITECTURES, CausalLM, ConfigError, GenerationConfig
+from .models._config import check_field_types
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -38,21 +41,7 @@ HUB_PATTERNS = [
 ]
 #: Tensors some checkpoints carry that eqxlm recomputes (rotary tables) and skips.
 SKIPPED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|(^|\.)attn\.masked_bias$|(^|\.)attn\.bias$")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as it is; the message names every bad tensor."""
-
-
-def _dtype(dtype):
-    if dtype is None:
-        return None
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}.")
-        return _DTYPES[dtype]
-    return jnp.dtype(dtype).type if not isinstance(dtype, type) else dtype
+__all__ = ["CheckpointError", "from_pretrained", "save_pretrained", "state_dict", "parameter_count"]
 
 
 # -- locating files -----------------------------------------------------------------------
@@ -83,15 +72,10 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file, from the index or the single file."""
     index = folder / SAFE_INDEX
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        missing = sorted({f for f in weight_map.values() if not (folder / f).exists()})
-        if missing:
-            raise CheckpointError(f"{folder}: shard(s) named in {SAFE_INDEX} are missing: {', '.join(missing)}.")
-        return {name: folder / f for name, f in weight_map.items()}
+        return st.read_index(index)
     single = folder / SAFE_SINGLE
     if single.exists():
-        with safetensors.safe_open(single, framework="numpy") as f:
-            return {name: single for name in f.keys()}
+        return {name: single for name in st.SafetensorsFile(single).keys()}
     if list(folder.glob("*.bin")) or list(folder.glob("*.pt")) or list(folder.glob("*.pth")):
         raise CheckpointError(
             f"{folder}: only PyTorch pickle weights (.bin/.pt) found. eqxlm reads safetensors only; convert "
@@ -107,27 +91,39 @@ def load_config(folder: str | os.PathLike):
     path = Path(folder) / "config.json"
     if not path.exists():
         raise CheckpointError(f"{folder}: no config.json.")
-    raw = json.loads(path.read_text())
+    raw = st.read_json(path, "config")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of config fields, found {type(raw).__name__}.")
     model_type = raw.get("model_type")
-    if model_type not in ARCHITECTURES:
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         raise CheckpointError(
-            f"{path}: model_type {model_type!r} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})."
+            f"{path}: model_type {model_type!r:.40} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})."
         )
-    return ARCHITECTURES[model_type][0].from_hf(raw)
+    try:
+        return ARCHITECTURES[model_type][0].from_hf(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _load_generation_config(folder: Path, config) -> GenerationConfig:
     raw: dict[str, Any] = {}
     path = folder / "generation_config.json"
     if path.exists():
-        raw = json.loads(path.read_text())
+        raw = st.read_json(path, "generation config")
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path}: expected a JSON object of generation settings, found {type(raw).__name__}.")
     eos = raw.get("eos_token_id", config.eos_token_id)
-    eos = None if eos is None else (tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),))
-    return GenerationConfig(
+    eos = tuple(eos) if isinstance(eos, list) else (eos,) if isinstance(eos, int) and not isinstance(eos, bool) else eos
+    generation = GenerationConfig(
         bos_token_id=raw.get("bos_token_id", config.bos_token_id),
         eos_token_id=eos,
         pad_token_id=raw.get("pad_token_id", config.pad_token_id),
     )
+    try:
+        check_field_types(generation)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return generation
 
 
 # -- names <-> leaves ---------------------------------------------------------------------
@@ -177,8 +173,12 @@ def from_pretrained(
     - `path_or_repo_id`: a folder with `config.json` and safetensors (single file, or
       shards with `model.safetensors.index.json`), or a hub repo id resolved through
       `huggingface_hub` (cache and `HF_HUB_OFFLINE=1` honoured).
-    - `dtype`: `jnp.float32`, `jnp.bfloat16`, `jnp.float16` (or their names); default
-      the checkpoint's own dtype. Tensors are cast one at a time as they are read.
+    - `dtype`: `jnp.float32`, `jnp.bfloat16`, `jnp.float16` (or their names). Every weight
+      ends in this one dtype. Default: the config's `dtype` / `torch_dtype` when it names
+      one of these, else the stored weights' dtype (stored weights of mixed float dtypes:
+      the widest of them, float32 for float16 with bfloat16; float64: float32). Tensors
+      are cast one at a time as they are read (round to nearest even); a non-float tensor
+      where a weight belongs is a `CheckpointError` naming it and both dtypes.
     - `revision`: a hub branch, tag or commit.
     - `progress`: show a progress bar (default: for checkpoints over 256 MB).
     - `mesh`, `rules`: place each tensor straight onto its shards of a `jax.sharding.Mesh`
@@ -199,11 +199,13 @@ def from_pretrained(
     files = _tensor_files(folder)
     model_cls = ARCHITECTURES[config.model_type][1]
     skeleton = eqx.filter_eval_shape(lambda: model_cls(config, key=jax.random.key(0), generation_config=generation_config))
-    dtype = _dtype(dtype)
 
     leaves, treedef = jax.tree_util.tree_flatten_with_path(skeleton)
     index_of = {_path_name(path): i for i, (path, leaf) in enumerate(leaves) if isinstance(leaf, jax.ShapeDtypeStruct)}
     expected = set(index_of)
+    readers = {file: st.SafetensorsFile(file) for file in sorted(set(files.values()))}
+    if (folder / SAFE_INDEX).exists():
+        st.check_index(folder / SAFE_INDEX, files, readers)
     by_file: dict[Path, list[tuple[str, str]]] = {}
     unexpected, tied_extra = [], []
     for file_name, file in files.items():
@@ -216,82 +218,42 @@ def from_pretrained(
             unexpected.append(file_name)
     present = {name for pairs in by_file.values() for _, name in pairs}
     missing = sorted(expected - present)
+    stored = {readers[file].entries[file_name].dtype for file, pairs in by_file.items() for file_name, _ in pairs}
+    target = st.target_dtype(dtype, st.read_json(folder / "config.json", "config"), stored, folder / "config.json")
 
     values: list[Any] = [leaf for _, leaf in leaves]
-    misshapen = []
-    total = sum(f.stat().st_size for f in set(files.values()))
+    misshapen, wrong_dtype = [], []
+    for file, pairs in by_file.items():
+        for file_name, name in pairs:
+            want, info = leaves[index_of[name]][1], readers[file].entries[file_name]
+            if info.shape != tuple(want.shape):
+                misshapen.append(f"{file.name}: {file_name}: file {info.shape}, model {tuple(want.shape)}")
+            problem = st.check_float(file, file_name, info.dtype, target)
+            if problem:
+                wrong_dtype.append(problem)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {st._plural(missing, 12)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {st._plural(sorted(unexpected), 12)}")
+    if misshapen:
+        problems.append(f"misshapen tensors: {st._plural(sorted(misshapen), 8, '; ')}")
+    if wrong_dtype:
+        problems.append(f"wrong dtype: {st._plural(sorted(wrong_dtype), 8, '; ')}")
+    if problems:
+        raise CheckpointError(f"{folder} does not match its config.json ({config.model_type}):\n  " + "\n  ".join(problems))
+    needed = sum(math.prod(leaves[index_of[name]][1].shape) for name in present) * target.itemsize
+    check_fits_in_memory(needed, f"{folder} as {target.name}", devices=1 if mesh is None else mesh.size)
+
+    total = sum(f.stat().st_size for f in readers)
     show = progress if progress is not None else total > 256 * 2**20
     bar = tqdm(total=len(present), desc=f"loading {folder.name}", unit="tensor", disable=not show)
     for file, pairs in by_file.items():
-        with safetensors.safe_open(file, framework="numpy") as f:
-            for file_name, name in pairs:
-                want = leaves[index_of[name]][1]
-                shape = tuple(f.get_slice(file_name).get_shape())
-                if shape != tuple(want.shape):
-                    misshapen.append(f"{file_name}: file {shape}, model {tuple(want.shape)}")
-    if not (missing or unexpected or misshapen):
-        for file, pairs in by_file.items():
-            header = _SafetensorsHeader(file) if mesh is None else None
-            with safetensors.safe_open(file, framework="numpy") as f:
-                for file_name, name in pairs:
-                    shape = tuple(f.get_slice(file_name).get_shape())
-                    values[index_of[name]] = _read(f, header, file_name, shape, dtype, mesh, rules, name)
-                    bar.update()
+        for file_name, name in pairs:
+            values[index_of[name]] = _read(readers[file], file_name, target, mesh, rules, name)
+            bar.update()
     bar.close()
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(sorted(unexpected))}")
-    if misshapen:
-        problems.append(f"misshapen tensors: {'; '.join(sorted(misshapen))}")
-    if problems:
-        raise CheckpointError(f"{folder} does not match its config.json ({config.model_type}):\n  " + "\n  ".join(problems))
     return jax.tree_util.tree_unflatten(treedef, values)
-
-
-class _SafetensorsHeader:
-    """Offsets of a safetensors file's tensors, from its header (an 8-byte little-endian
-    length, then JSON), so that a tensor can be read with one `readinto` into its own numpy
-    buffer. Going through `safe_open`'s memory map instead leaves every page read resident
-    until the file is closed: a second copy of the weights at the end of a load."""
-
-    DTYPES = {
-        "F64": np.float64,
-        "F32": np.float32,
-        "F16": np.float16,
-        "BF16": jnp.bfloat16,
-        "I64": np.int64,
-        "I32": np.int32,
-        "I16": np.int16,
-        "I8": np.int8,
-        "U8": np.uint8,
-        "BOOL": np.bool_,
-    }
-
-    def __init__(self, file: Path):
-        self.file = file
-        with open(file, "rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            self.entries = json.loads(fh.read(size))
-        self.data_start = 8 + size
-
-    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
-        """Tensor `name` (or a range of its leading-axis rows) in a fresh numpy buffer."""
-        entry = self.entries[name]
-        start, end = entry["data_offsets"]
-        shape = list(entry["shape"])
-        if rows is not None:
-            row_bytes = (end - start) // max(shape[0], 1)
-            first, stop, _ = rows.indices(shape[0])
-            start, end = start + first * row_bytes, start + stop * row_bytes
-            shape[0] = stop - first
-        array = np.empty(shape, dtype=self.DTYPES[entry["dtype"]])
-        with open(self.file, "rb") as fh:
-            fh.seek(self.data_start + start)
-            if fh.readinto(memoryview(array.reshape(-1)).cast("B")) != end - start:
-                raise CheckpointError(f"{self.file}: {name} is truncated.")
-        return array
 
 
 #: Tensors larger than this are read and placed in row chunks of about this size.
@@ -303,37 +265,34 @@ def _write_rows(buffer, rows, start):
     return jax.lax.dynamic_update_slice_in_dim(buffer, rows, start, axis=0)
 
 
-def _place(header: _SafetensorsHeader, name: str, cast) -> jax.Array:
-    """Read tensor `name` onto the default device. A large tensor goes in row chunks into a
-    donated buffer, so memory peaks at the weights plus one chunk, never two copies of it."""
-    entry = header.entries[name]
-    shape, nbytes = entry["shape"], entry["data_offsets"][1] - entry["data_offsets"][0]
+def _place(reader: st.SafetensorsFile, name: str, target: np.dtype) -> jax.Array:
+    """Read tensor `name` onto the default device, cast to `target`. A large tensor goes in
+    row chunks into a donated buffer, so memory peaks at the weights plus one chunk, never
+    two copies of it. Each read lands in its own fresh numpy buffer (no memory map stays
+    resident: going through `safe_open`'s map left every page read resident until the file
+    closed, a second copy of the weights at the end of a load)."""
+    info = reader.entries[name]
+    shape, nbytes = info.shape, info.end - info.start
     if nbytes <= CHUNK_BYTES or len(shape) == 0 or shape[0] < 2:
-        return jax.device_put(cast(header.read(name)))
+        return jax.device_put(st.cast(reader.read(name), target))
     rows = max(1, CHUNK_BYTES // (nbytes // shape[0]))
-    first = cast(header.read(name, slice(0, rows)))
+    first = st.cast(reader.read(name, slice(0, rows)), target)
     buffer = jnp.zeros(shape, first.dtype)
     for start in range(0, shape[0], rows):
-        chunk = first if start == 0 else cast(header.read(name, slice(start, start + rows)))
+        chunk = first if start == 0 else st.cast(reader.read(name, slice(start, start + rows)), target)
         buffer = _write_rows(buffer, jax.device_put(chunk), start)
     return buffer
 
 
-def _read(f, header, file_name: str, shape, dtype, mesh, rules, name: str) -> jax.Array:
-    """One tensor, cast to `dtype`; with a mesh, each device reads only its own slice."""
-
-    def cast(array):
-        if dtype is not None and jnp.issubdtype(array.dtype, jnp.floating):
-            array = array.astype(jnp.dtype(dtype))
-        return array
-
+def _read(reader: st.SafetensorsFile, file_name: str, target: np.dtype, mesh, rules, name: str) -> jax.Array:
+    """One tensor, cast to `target`; with a mesh, each device reads only its own slice."""
     if mesh is None:
-        return _place(header, file_name, cast)
+        return _place(reader, file_name, target)
     from .sharding import DEFAULT_RULES, _spec
 
+    shape = reader.entries[file_name].shape
     sharding = jax.sharding.NamedSharding(mesh, _spec(name, shape, mesh, rules or DEFAULT_RULES))
-    tensor = f.get_slice(file_name)
-    return jax.make_array_from_callback(shape, sharding, lambda index: cast(tensor[index]))
+    return jax.make_array_from_callback(shape, sharding, lambda index: st.cast(reader.read(file_name, index), target))
 
 
 # -- saving -------------------------------------------------------------------------------
