@@ -129,10 +129,19 @@ class SafetensorsFile:
         self.data_start = 8 + length
         self.metadata = header.pop("__metadata__", None) or {}
         self.entries: dict[str, TensorInfo] = {name: self._entry(name, e, size) for name, e in header.items()}
-        spans = sorted((info.start, info.end, name) for name, info in self.entries.items() if info.end > info.start)
-        for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:], strict=False):
-            if start_b < end_a:
-                raise CheckpointError(f"{self.path}: tensors {a} and {b} overlap (data_offsets).")
+        # As the safetensors library requires: the tensors tile the data exactly, no gaps,
+        # no overlaps, nothing after them (a header length off by a few bytes is caught here).
+        covered = 0
+        for start, end, name in sorted((i.start, i.end, n) for n, i in self.entries.items()):
+            if start != covered:
+                what = "overlaps the tensor before it" if start < covered else f"starts at {start}, leaving a gap after {covered}"
+                raise CheckpointError(f"{self.path}: tensor {name}: its data {what} (data_offsets).")
+            covered = end
+        if covered != size - self.data_start:
+            raise CheckpointError(
+                f"{self.path}: the tensors hold {covered} bytes, but {size - self.data_start} follow the header "
+                "(a wrong header length, or bytes appended)."
+            )
 
     def _entry(self, name: str, entry: Any, size: int) -> TensorInfo:
         where = f"{self.path}: tensor {name}"
