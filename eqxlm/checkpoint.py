@@ -215,7 +215,7 @@ def from_pretrained(
         elif name == "lm_head.weight" and config.tie_word_embeddings:
             tied_extra.append(name)  # a tied head saved anyway: it equals the embedding
         elif not SKIPPED.search(name):
-            unexpected.append(file_name)
+            unexpected.append(f"{file.name}: {file_name}")
     present = {name for pairs in by_file.values() for _, name in pairs}
     missing = sorted(expected - present)
     stored = {readers[file].entries[file_name].dtype for file, pairs in by_file.items() for file_name, _ in pairs}
@@ -241,7 +241,8 @@ def from_pretrained(
     if wrong_dtype:
         problems.append(f"wrong dtype: {st._plural(sorted(wrong_dtype), 8, '; ')}")
     if problems:
-        raise CheckpointError(f"{folder} does not match its config.json ({config.model_type}):\n  " + "\n  ".join(problems))
+        names = st._plural(sorted(f.name for f in readers), 3)
+        raise CheckpointError(f"{folder}: {names} does not match config.json ({config.model_type}):\n  " + "\n  ".join(problems))
     needed = sum(math.prod(leaves[index_of[name]][1].shape) for name in present) * target.itemsize
     check_fits_in_memory(needed, f"{folder} as {target.name}", devices=1 if mesh is None else mesh.size)
 

@@ -215,11 +215,16 @@ def rope_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
     raw = dict(raw)
     params = raw.pop("rope_parameters", None) or {}
     scaling = raw.pop("rope_scaling", None) or {}
+    for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected an object (or null), got {type(value).__name__} {value!r:.40}.")
     merged = {**scaling, **params}
     theta = merged.pop("rope_theta", raw.get("rope_theta", 10000.0))
     # Floats as floats; a wrong-typed value is left for the config's type check to name.
     raw["rope_theta"] = float(theta) if isinstance(theta, int) and not isinstance(theta, bool) else theta
     rope_type = merged.pop("rope_type", merged.pop("type", "default"))
+    if not isinstance(rope_type, str):
+        raise ConfigError(f"rope_scaling.rope_type: expected str, got {type(rope_type).__name__} {rope_type!r:.40}.")
     if rope_type == "default" and not {k for k in merged if k != "partial_rotary_factor"}:
         merged.pop("partial_rotary_factor", None)
         raw["rope_scaling"] = None
