@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from .._memory import check_constructor
 from .._typing import typecheck
 from ..nn import BloomAttention, BloomBlock, BloomMLP, LayerNorm
 from ..nn._linear import make_linear
@@ -179,6 +180,7 @@ class BloomForCausalLM(eqx.Module):
         generation_config: GenerationConfig | None = None,
     ):
         """Random initialisation from `config`, as transformers initialises."""
+        check_constructor(type(self), config, key=key, dtype=dtype)  # fail at once if the weights cannot fit
         k_model, k_head, k_init = jax.random.split(key, 3)
         transformer = BloomModel(config, key=k_model, dtype=dtype)
         lm_head = None if config.tie_word_embeddings else make_linear(config.hidden_size, config.vocab_size, False, dtype, k_head)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from .._memory import check_constructor
 from .._typing import typecheck
 from ..nn import Attention, DecoderLayer, GatedMLP, RMSNorm, RotaryEmbedding
 from ..nn._linear import make_linear
@@ -218,6 +219,7 @@ class LlamaForCausalLM(eqx.Module):
     ):
         """Random initialisation from `config`, as transformers initialises."""
         _check_config(self, config)
+        check_constructor(type(self), config, key=key, dtype=dtype)  # fail at once if the weights cannot fit
         k_model, k_head, k_init = jax.random.split(key, 3)
         self.model = self.base_model_class(config, key=k_model, dtype=dtype)
         self.lm_head = (
