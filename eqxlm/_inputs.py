@@ -30,7 +30,13 @@ def _as_numpy_or_jax(x, name: str):
         ) from None
 
 
-def _check_rank(array, name: str, ndim: int) -> None:
+def _describe(array, original) -> str:
+    if isinstance(original, (list, tuple)):
+        return f"a {type(original).__name__} of shape [{','.join(map(str, array.shape))}] ({np.dtype(array.dtype).name})"
+    return describe(array)
+
+
+def _check_rank(array, name: str, ndim: int, original) -> None:
     if array.ndim == ndim:
         return
     expected = f"{ndim} dims ({_DIMS.get(ndim, '')})"
@@ -39,7 +45,7 @@ def _check_rank(array, name: str, ndim: int) -> None:
         hint = f" For one sequence, pass a batch of one: `{name}[None]`."
     elif array.ndim == ndim + 1 and ndim == 1:
         hint = " This takes one sequence; for a batch, map it with `jax.vmap`."
-    raise ArgumentError(f"{name}: expected {expected}, got {describe(array)}.{hint}")
+    raise ArgumentError(f"{name}: expected {expected}, got {_describe(array, original)}.{hint}")
 
 
 def as_token_ids(x, name: str = "input_ids", *, ndim: int = 2) -> jax.Array:
@@ -49,10 +55,10 @@ def as_token_ids(x, name: str = "input_ids", *, ndim: int = 2) -> jax.Array:
     if not np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
         kind = "empty" if array.size == 0 and array.dtype == np.float64 else np.dtype(array.dtype).name
         raise ArgumentError(
-            f"{name}: token ids must be integers, got {describe(array) if kind != 'empty' else 'an empty list'} ({kind}). "
+            f"{name}: token ids must be integers, got {_describe(array, x) if kind != 'empty' else 'an empty list'}. "
             f"Convert them with `jnp.asarray({name}, jnp.int32)` (ids of a tokenizer are ints already)."
         )
-    _check_rank(array, name, ndim)
+    _check_rank(array, name, ndim, x)
     if (
         isinstance(array, np.ndarray)
         and array.size
