@@ -221,7 +221,7 @@ class SafetensorsFile:
             with open(self.path, "rb") as fh:
                 for row, outer in enumerate(np.ndindex(*out.shape[:split])):
                     element = bounds[split][0] * strides[split]
-                    element += sum((a + i) * s for (a, _), i, s in zip(bounds[:split], outer, strict=True))
+                    element += sum((a + i) * s for (a, _), i, s in zip(bounds[:split], outer, strides[:split], strict=True))
                     fh.seek(self.data_start + info.start + element * storage.itemsize)
                     buffer = memoryview(runs[row]).cast("B")
                     if fh.readinto(buffer) != len(buffer):

@@ -297,3 +297,29 @@ def test_config_accepts_what_its_annotations_allow():
     assert config.eos_token_id == (1, 2) and config.rms_norm_eps == 1
     for cls in (eqxlm.LlamaConfig, eqxlm.MistralConfig, eqxlm.BloomConfig):  # every default conforms
         assert dataclasses.asdict(cls()) is not None
+
+
+# -- the reader alone ----------------------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), dtype=st.sampled_from(["float32", "bfloat16", "float16", "int32", "uint8"]))
+def test_reader_reads_any_box_rows_or_whole_tensor_exactly(data, dtype):
+    """Whole tensors, leading-row ranges and arbitrary boxes (a device's shard) equal numpy's
+    own slicing of the tensor, for every dtype (bfloat16 included)."""
+    from safetensors.numpy import save_file
+
+    from eqxlm._safetensors import SafetensorsFile
+
+    shape = tuple(data.draw(st.lists(st.integers(0, 5), min_size=0, max_size=3), label="shape"))
+    value = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape).astype(jnp.dtype(dtype))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "t.safetensors"
+        save_file({"a": np.ones(3, np.float16), "t": value}, path)
+        reader = SafetensorsFile(path)
+        whole = reader.read("t")
+        assert whole.dtype == value.dtype and whole.shape == shape and whole.tobytes() == value.tobytes()
+        box = tuple(slice(a, a + data.draw(st.integers(0, n - a))) for n in shape for a in [data.draw(st.integers(0, n))])
+        got = reader.read("t", box)
+        assert got.dtype == value.dtype and got.tobytes() == np.ascontiguousarray(value[box]).tobytes()
+        if shape:
+            rows = box[0]
+            assert reader.read("t", rows).tobytes() == np.ascontiguousarray(value[rows]).tobytes()

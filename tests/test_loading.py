@@ -95,6 +95,8 @@ def test_dtype_matrix_on_a_mesh(stored, tmp_path):
     ]
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    # The worker imports this checkout's eqxlm, not whichever one is installed.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
     worker = Path(__file__).with_name("loading_worker.py")
     run = subprocess.run(
         [sys.executable, str(worker), str(tmp_path / "cases.json"), str(tmp_path / "out.json")],
