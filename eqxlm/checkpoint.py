@@ -41,8 +41,6 @@ HUB_PATTERNS = [
 ]
 #: Tensors some checkpoints carry that eqxlm recomputes (rotary tables) and skips.
 SKIPPED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|(^|\.)attn\.masked_bias$|(^|\.)attn\.bias$")
-__all__ = ["CheckpointError", "from_pretrained", "save_pretrained", "state_dict", "parameter_count"]
-
 
 # -- locating files -----------------------------------------------------------------------
 def resolve(path_or_repo_id: str | os.PathLike, *, revision: str | None = None) -> Path:
