@@ -5,9 +5,10 @@ A safetensors file is an 8-byte little-endian header length, a JSON header
 the tensors' bytes. [`SafetensorsFile`][] validates the whole header when it opens a file
 (lengths, JSON, dtypes, shapes against offsets, offsets inside the file and not
 overlapping), so a truncated or corrupt file fails before anything is read, with an error
-that names the file and the tensor. Tensors are then read with plain file I/O, each into
-its own fresh numpy buffer (no memory map stays resident), whole, by leading-axis rows, or
-by an arbitrary box of slices (one device's shard of a mesh).
+that names the file and the tensor. Tensors are then read each into its own fresh numpy
+buffer, whole or by leading-axis rows with plain file I/O, or by an arbitrary box of slices
+(one device's shard of a mesh) copied out of a short-lived memory map that touches only the
+box's pages; no memory map stays resident.
 
 bfloat16 is read as raw 16-bit words and viewed as `ml_dtypes.bfloat16`, because a
 `memoryview` cannot take an ml_dtypes buffer (`cannot include dtype 'E' in a buffer`).
@@ -209,23 +210,16 @@ class SafetensorsFile:
         return array.view(value_dtype)
 
     def _read_box(self, info: TensorInfo, bounds: list[tuple[int, int]]) -> np.ndarray:
-        """A box of a C-ordered tensor, one read per contiguous run of bytes: the axes after
-        the last partial one are whole, so each index of the axes before it is one run."""
+        """A box of a tensor (a device's shard), copied out of a temporary read-only memory
+        map of the tensor: only the pages the box touches are read, at C speed, and the map
+        is dropped before returning, so no page stays resident."""
         value_dtype, storage = DTYPES[info.dtype]
-        shape = info.shape
-        split = max(i for i, (b, n) in enumerate(zip(bounds, shape, strict=True)) if b != (0, n))
-        strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
-        out = np.empty([b - a for a, b in bounds], dtype=storage)
-        if out.size:
-            runs = out.reshape(math.prod(out.shape[:split]), -1)
-            with open(self.path, "rb") as fh:
-                for row, outer in enumerate(np.ndindex(*out.shape[:split])):
-                    element = bounds[split][0] * strides[split]
-                    element += sum((a + i) * s for (a, _), i, s in zip(bounds[:split], outer, strides[:split], strict=True))
-                    fh.seek(self.data_start + info.start + element * storage.itemsize)
-                    buffer = memoryview(runs[row]).cast("B")
-                    if fh.readinto(buffer) != len(buffer):
-                        raise CheckpointError(f"{self.path}: read past the end of the file (the file shrank?).")
+        index = tuple(slice(a, b) for a, b in bounds)
+        if info.end == info.start:
+            return np.empty([b - a for a, b in bounds], dtype=value_dtype)
+        mapped = np.memmap(self.path, dtype=storage, mode="r", offset=self.data_start + info.start, shape=info.shape)
+        out = np.array(mapped[index], copy=True)
+        del mapped
         return out.view(value_dtype)
 
 
