@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from .._memory import check_constructor
 from .._typing import typecheck
 from ..nn import (
     ACTIVATIONS,
@@ -360,6 +361,7 @@ class DecoderLM(AbstractCausalLM):
         weights; `scan_layers` (stack the layers and run them with `jax.lax.scan`: compile
         time flat in depth; see the README for when it is faster); `generation_config`."""
         config.check_spec()
+        check_constructor(DecoderLM, config, key=key, dtype=dtype, scan_layers=scan_layers)  # fail at once if it cannot fit
         spec = config.decoder_spec()
         k_model, k_head = jax.random.split(key)
         self.model = Decoder(spec, key=k_model, dtype=dtype, scan_layers=scan_layers)

@@ -109,18 +109,25 @@ class RotaryEmbedding(AbstractPositionScheme):
     interleaved: bool = eqx.field(static=True, default=False)
 
     def __check_init__(self):
-        if self.dim % 2 or not 0 < self.dim <= self.head_dim:
-            raise ValueError(f"RotaryEmbedding: rotary_dim must be even and in (0, head_dim={self.head_dim}], got {self.dim}.")
+        if not 0 < self.dim <= self.head_dim:
+            raise ValueError(f"RotaryEmbedding: rotary_dim must be in (0, head_dim={self.head_dim}], got {self.rotary_dim}.")
+
+    @property
+    def frequency_dim(self) -> int:
+        """The `dim` of the frequency formula $\\theta^{-2i/dim}$ (the rotary dim as configured)."""
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
     @property
     def dim(self) -> int:
-        """The number of rotated dims of each head."""
-        return self.head_dim if self.rotary_dim is None else self.rotary_dim
+        """The number of rotated dims of each head: two per frequency. For an odd configured
+        rotary dim (GPT-NeoX's `int(head_dim * rotary_pct)` can be odd) that is one more, as in
+        transformers, whose cos/sin tables are twice the number of frequencies wide."""
+        return 2 * len(range(0, self.frequency_dim, 2))
 
     @typecheck
     def cos_sin(self, positions: Int[Array, " seq"]) -> tuple[Float[Array, "seq rot"], Float[Array, "seq rot"]]:
         """The float32 cosine and sine tables for `positions` (each `seq x rotary_dim`)."""
-        inv_freq = jnp.asarray(rope_inverse_frequencies(self.dim, self.theta, self.scaling))
+        inv_freq = jnp.asarray(rope_inverse_frequencies(self.frequency_dim, self.theta, self.scaling))
         freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
         if self.interleaved:
             angles = jnp.repeat(freqs, 2, axis=-1)
