@@ -42,6 +42,7 @@ HUB_PATTERNS = [
 #: Tensors some checkpoints carry that eqxlm recomputes (rotary tables) and skips.
 SKIPPED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|(^|\.)attn\.masked_bias$|(^|\.)attn\.bias$")
 
+
 # -- locating files -----------------------------------------------------------------------
 def resolve(path_or_repo_id: str | os.PathLike, *, revision: str | None = None) -> Path:
     """`"eqxlm/default"` is the embedded default model; a local folder is used as is;
