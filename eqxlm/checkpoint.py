@@ -43,6 +43,8 @@ HUB_PATTERNS = [
     "special_tokens_map.json",
     "chat_template.jinja",
 ]
+
+
 # -- locating files -----------------------------------------------------------------------
 def resolve(path_or_repo_id: str | os.PathLike, *, revision: str | None = None) -> Path:
     """`"eqxlm/default"` is the embedded default model; a local folder is used as is;
