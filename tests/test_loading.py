@@ -232,7 +232,7 @@ def test_bfloat16_checkpoint_generates_as_transformers_and_exports_back(bf16_che
     out = eqxlm.save_pretrained(eqxlm.from_pretrained(folder), tmp_path / "out")  # default: bfloat16, as stored
     before, after = _reference(folder), _reference(out)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert type(transformers.AutoModelForCausalLM.from_pretrained(out)).__name__ == type(model).__name__
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(out)).__name__ == model.config.architecture
 
 
 def test_bfloat16_checkpoints_load_by_repo_id_offline(bf16_checkpoints, tmp_path):
