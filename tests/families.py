@@ -23,4 +23,12 @@ CASES: dict[str, tuple[str, dict]] = {
     "gpt2": ("gpt2", {}),
     "gpt2-scales": ("gpt2", {"scale_attn_by_inverse_layer_idx": True, "activation_function": "gelu_new"}),
     "gpt2-unscaled": ("gpt2", {"scale_attn_weights": False, "n_inner": 40}),
+    # Qwen3: per-head q/k RMSNorm before rotary (random norm weights around 1), head_dim 16 !=
+    # 32 / 4, attention_bias on q/k/v and o, sliding windows (3) from layer 1 on, untied head;
+    # a tied variant without bias or windows.
+    "qwen3-sliding-bias": (
+        "qwen3",
+        {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1, "attention_bias": True},
+    ),
+    "qwen3-tied": ("qwen3", {"tie_word_embeddings": True}),
 }
