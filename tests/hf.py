@@ -67,6 +67,16 @@ TINY = {
         head_dim=16,
         max_position_embeddings=256,
     ),
+    "gemma2": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+    ),
 }
 CONFIGS = {
     "llama": transformers.LlamaConfig,
@@ -77,6 +87,7 @@ CONFIGS = {
     "gpt_neox": transformers.GPTNeoXConfig,
     "gpt2": transformers.GPT2Config,
     "qwen3": transformers.Qwen3Config,
+    "gemma2": transformers.Gemma2Config,
 }
 
 
