@@ -42,4 +42,9 @@ CASES: dict[str, tuple[str, dict]] = {
         "gemma2",
         {"final_logit_softcapping": 4.0, "tie_word_embeddings": False, "attention_bias": True, "num_key_value_heads": 4},
     ),
+    # OLMo-2: norms on the attention / MLP outputs only, q/k RMSNorm over the whole projection
+    # (random weights around 1, per element, so a per-head norm would differ), GQA, untied; then
+    # attention_bias on q/k/v and o with a tied head.
+    "olmo2": ("olmo2", {}),
+    "olmo2-bias-tied": ("olmo2", {"attention_bias": True, "tie_word_embeddings": True}),
 }

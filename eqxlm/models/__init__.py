@@ -16,6 +16,7 @@ from . import gpt2 as gpt2
 from . import gpt_neox as gpt_neox
 from . import llama as llama
 from . import mistral as mistral
+from . import olmo2 as olmo2
 from . import qwen2 as qwen2
 from . import qwen3 as qwen3
 from ._builder import Decoder, DecoderLM, DecoderSpec, NormSpec, RopeSpec
