@@ -23,4 +23,28 @@ CASES: dict[str, tuple[str, dict]] = {
     "gpt2": ("gpt2", {}),
     "gpt2-scales": ("gpt2", {"scale_attn_by_inverse_layer_idx": True, "activation_function": "gelu_new"}),
     "gpt2-unscaled": ("gpt2", {"scale_attn_weights": False, "n_inner": 40}),
+    # Qwen3: per-head q/k RMSNorm before rotary (random norm weights around 1), head_dim 16 !=
+    # 32 / 4, attention_bias on q/k/v and o, sliding windows (3) from layer 1 on, untied head;
+    # a tied variant without bias or windows.
+    "qwen3-sliding-bias": (
+        "qwen3",
+        {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1, "attention_bias": True},
+    ),
+    "qwen3-tied": ("qwen3", {"tie_word_embeddings": True}),
+    # Gemma 2: (1 + w) RMSNorm, four norms per layer, sqrt(hidden) embedding scale, tied head;
+    # an attention soft-cap that binds (1.5), queries scaled by 8 ** -0.5 (not head_dim
+    # 16 ** -0.5), layers sliding (window 3 < the sequences) / global alternating over 4 layers
+    # (the scanned layout is one segment of period 2). Then a final soft-cap that binds (4.0;
+    # not on the first case, whose scanned check compares at 1e-6 of the logits' size, which a
+    # cap shrinks), attention_bias, MHA and an untied head.
+    "gemma2-capped": ("gemma2", {"sliding_window": 3, "attn_logit_softcapping": 1.5, "query_pre_attn_scalar": 8}),
+    "gemma2-untied-bias": (
+        "gemma2",
+        {"final_logit_softcapping": 4.0, "tie_word_embeddings": False, "attention_bias": True, "num_key_value_heads": 4},
+    ),
+    # OLMo-2: norms on the attention / MLP outputs only, q/k RMSNorm over the whole projection
+    # (random weights around 1, per element, so a per-head norm would differ), GQA, untied; then
+    # attention_bias on q/k/v and o with a tied head.
+    "olmo2": ("olmo2", {}),
+    "olmo2-bias-tied": ("olmo2", {"attention_bias": True, "tie_word_embeddings": True}),
 }

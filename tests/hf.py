@@ -57,6 +57,35 @@ TINY = {
         num_key_value_heads=2,
         max_position_embeddings=256,
     ),
+    "qwen3": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+    ),
+    "gemma2": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+    ),
+    "olmo2": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    ),
 }
 CONFIGS = {
     "llama": transformers.LlamaConfig,
@@ -66,6 +95,9 @@ CONFIGS = {
     "gemma": transformers.GemmaConfig,
     "gpt_neox": transformers.GPTNeoXConfig,
     "gpt2": transformers.GPT2Config,
+    "qwen3": transformers.Qwen3Config,
+    "gemma2": transformers.Gemma2Config,
+    "olmo2": transformers.Olmo2Config,
 }
 
 

@@ -11,11 +11,14 @@ The registry, one line per family (importing a family file registers it):
 
 from . import bloom as bloom
 from . import gemma as gemma
+from . import gemma2 as gemma2
 from . import gpt2 as gpt2
 from . import gpt_neox as gpt_neox
 from . import llama as llama
 from . import mistral as mistral
+from . import olmo2 as olmo2
 from . import qwen2 as qwen2
+from . import qwen3 as qwen3
 from ._builder import Decoder, DecoderLM, DecoderSpec, NormSpec, RopeSpec
 from ._config import BaseConfig, ConfigError
 from ._contract import AbstractCausalLM, CausalLMOutput, GenerationConfig, ModelOutput, broadcast_cache
