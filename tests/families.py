@@ -23,4 +23,11 @@ CASES: dict[str, tuple[str, dict]] = {
     "gpt2": ("gpt2", {}),
     "gpt2-scales": ("gpt2", {"scale_attn_by_inverse_layer_idx": True, "activation_function": "gelu_new"}),
     "gpt2-unscaled": ("gpt2", {"scale_attn_weights": False, "n_inner": 40}),
+    # Granite: all four scalars off their defaults (embeddings x1.5, scores x0.25 instead of
+    # 8 ** -0.5, residual branches x0.7, logits / 3); the defaults (all 1: unscaled scores) tied.
+    "granite": (
+        "granite",
+        {"embedding_multiplier": 1.5, "attention_multiplier": 0.25, "residual_multiplier": 0.7, "logits_scaling": 3.0},
+    ),
+    "granite-defaults-tied": ("granite", {"tie_word_embeddings": True}),
 }

@@ -13,6 +13,7 @@ from . import bloom as bloom
 from . import gemma as gemma
 from . import gpt2 as gpt2
 from . import gpt_neox as gpt_neox
+from . import granite as granite
 from . import llama as llama
 from . import mistral as mistral
 from . import qwen2 as qwen2
