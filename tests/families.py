@@ -30,4 +30,9 @@ CASES: dict[str, tuple[str, dict]] = {
         {"embedding_multiplier": 1.5, "attention_multiplier": 0.25, "residual_multiplier": 0.7, "logits_scaling": 3.0},
     ),
     "granite-defaults-tied": ("granite", {"tie_word_embeddings": True}),
+    # StarCoder2: LayerNorm with bias (random, non-zero), plain gelu_pytorch_tanh MLP, biases on
+    # q/k/v/o and c_fc/c_proj, GQA (4 heads on 2), a window of 3 (shorter than the sequences),
+    # tied head; no biases and no window, untied.
+    "starcoder2": ("starcoder2", {"sliding_window": 3}),
+    "starcoder2-nobias-untied": ("starcoder2", {"use_bias": False, "tie_word_embeddings": False}),
 }

@@ -66,6 +66,15 @@ TINY = {
         num_key_value_heads=2,
         max_position_embeddings=256,
     ),
+    "starcoder2": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    ),
 }
 CONFIGS = {
     "llama": transformers.LlamaConfig,
@@ -76,6 +85,7 @@ CONFIGS = {
     "gpt_neox": transformers.GPTNeoXConfig,
     "gpt2": transformers.GPT2Config,
     "granite": transformers.GraniteConfig,
+    "starcoder2": transformers.Starcoder2Config,
 }
 
 
