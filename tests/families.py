@@ -35,4 +35,15 @@ CASES: dict[str, tuple[str, dict]] = {
     # tied head; no biases and no window, untied.
     "starcoder2": ("starcoder2", {"sliding_window": 3}),
     "starcoder2-nobias-untied": ("starcoder2", {"use_bias": False, "tie_word_embeddings": False}),
+    # Phi: parallel attention + MLP from one LayerNorm, rotary on 50% of each head (the default),
+    # biases on q/k/v/dense, fc1/fc2 and lm_head, per-head q/k LayerNorms (random weights and
+    # biases); GQA (4 heads on 2) without q/k norms and with 25% rotary.
+    "phi": ("phi", {"qk_layernorm": True}),
+    "phi-gqa-quarter-rotary": (
+        "phi",
+        {
+            "num_key_value_heads": 2,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        },
+    ),
 }

@@ -75,6 +75,14 @@ TINY = {
         num_key_value_heads=2,
         max_position_embeddings=256,
     ),
+    "phi": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+    ),
 }
 CONFIGS = {
     "llama": transformers.LlamaConfig,
@@ -86,6 +94,7 @@ CONFIGS = {
     "gpt2": transformers.GPT2Config,
     "granite": transformers.GraniteConfig,
     "starcoder2": transformers.Starcoder2Config,
+    "phi": transformers.PhiConfig,
 }
 
 

@@ -16,6 +16,7 @@ from . import gpt_neox as gpt_neox
 from . import granite as granite
 from . import llama as llama
 from . import mistral as mistral
+from . import phi as phi
 from . import qwen2 as qwen2
 from . import starcoder2 as starcoder2
 from ._builder import Decoder, DecoderLM, DecoderSpec, NormSpec, RopeSpec
