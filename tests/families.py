@@ -46,4 +46,10 @@ CASES: dict[str, tuple[str, dict]] = {
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
         },
     ),
+    # Cohere: parallel attention + SwiGLU from one bias-free LayerNorm (random weights),
+    # interleaved rotary, per-head-weighted q/k norms (random (heads, head_dim) weights), GQA,
+    # logits x 0.5 (a default 0.0625 would squash the logits below the test's scale), tied head;
+    # then no q/k norms, untied, with attention biases.
+    "cohere": ("cohere", {"use_qk_norm": True, "logit_scale": 0.5}),
+    "cohere-untied-bias": ("cohere", {"tie_word_embeddings": False, "attention_bias": True, "logit_scale": 0.75}),
 }

@@ -83,6 +83,15 @@ TINY = {
         num_attention_heads=4,
         max_position_embeddings=256,
     ),
+    "cohere": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    ),
 }
 CONFIGS = {
     "llama": transformers.LlamaConfig,
@@ -95,6 +104,7 @@ CONFIGS = {
     "granite": transformers.GraniteConfig,
     "starcoder2": transformers.Starcoder2Config,
     "phi": transformers.PhiConfig,
+    "cohere": transformers.CohereConfig,
 }
 
 

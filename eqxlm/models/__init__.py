@@ -10,6 +10,7 @@ The registry, one line per family (importing a family file registers it):
 """
 
 from . import bloom as bloom
+from . import cohere as cohere
 from . import gemma as gemma
 from . import gpt2 as gpt2
 from . import gpt_neox as gpt_neox
