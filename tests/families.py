@@ -52,4 +52,36 @@ CASES: dict[str, tuple[str, dict]] = {
     # then no q/k norms, untied, with attention biases.
     "cohere": ("cohere", {"use_qk_norm": True, "logit_scale": 0.5}),
     "cohere-untied-bias": ("cohere", {"tie_word_embeddings": False, "attention_bias": True, "logit_scale": 0.75}),
+    # Phi-3: fused qkv_proj (GQA: 4 query heads, 2 kv heads) and gate_up_proj; rotary on half of
+    # each head; longrope with original_max_position_embeddings 2, so every call of the tests
+    # (3+ tokens) uses long_factor, with the derived attention factor sqrt(1 + ln(256/2) / ln 2);
+    # a window of 3 shorter than the sequences.
+    "phi3": (
+        "phi3",
+        {
+            "original_max_position_embeddings": 2,
+            "sliding_window": 3,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+                "short_factor": [1.3, 1.9],
+                "long_factor": [2.5, 7.0],
+            },
+        },
+    ),
+    # longrope below the switch point (original 64 > every test length): short_factor with the
+    # attention factor of factor 256 / 64; full rotary, no window.
+    "phi3-longrope-short": (
+        "phi3",
+        {
+            "original_max_position_embeddings": 64,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.5, 2.0, 3.0, 5.0],
+                "long_factor": [4.0, 4.0, 8.0, 9.0],
+            },
+        },
+    ),
 }

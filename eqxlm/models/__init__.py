@@ -18,6 +18,7 @@ from . import granite as granite
 from . import llama as llama
 from . import mistral as mistral
 from . import phi as phi
+from . import phi3 as phi3
 from . import qwen2 as qwen2
 from . import starcoder2 as starcoder2
 from ._builder import Decoder, DecoderLM, DecoderSpec, NormSpec, RopeSpec
