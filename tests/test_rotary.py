@@ -155,3 +155,31 @@ def test_interleaved_rotary_matches_cohere():
     want, _ = cohere_apply(qt, qt, cos, sin)
     got = RotaryEmbedding(16, 1e4, interleaved=True)(jnp.asarray(q), jnp.asarray(positions, jnp.int32))
     np.testing.assert_allclose(np.asarray(got), want[0].transpose(0, 1).numpy(), atol=PART_ATOL * 10, rtol=0)
+
+
+def test_longrope_cached_call_crossing_the_switch_point_is_refused_by_name():
+    """transformers re-encodes the whole sequence with long_factor when generation crosses
+    original_max_position_embeddings; cached keys rotated with short_factor cannot be reused, so
+    such a cached call is an error. Calls on one side of the switch point are cached normally."""
+    import jax
+
+    import eqxlm
+
+    scaling = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0, 2.0], "long_factor": [3.0, 5.0]}
+    config = eqxlm.models.lookup("phi3")[0].from_hf(
+        {
+            "model_type": "phi3", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 24,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "max_position_embeddings": 64,
+            "original_max_position_embeddings": 6, "rope_parameters": scaling,
+        }
+    )  # fmt: skip
+    model = eqxlm.DecoderLM(config, key=jax.random.key(0))
+    ids = jnp.arange(10, dtype=jnp.int32)
+    out = model(ids[:4], cache=model.init_cache(12))  # 4 tokens: short factors
+    out = model(ids[4:6], cache=out.cache)  # 6 tokens: still short
+    with pytest.raises(Exception, match="longrope"):
+        model(ids[6:7], cache=out.cache)  # the 7th token would switch to long factors
+    long = model(ids[:8], cache=model.init_cache(12))  # prefilled past the switch: long from the start
+    step = model(ids[8:9], cache=long.cache)
+    full = model(ids[:9]).logits
+    np.testing.assert_allclose(np.asarray(step.logits[0]), np.asarray(full[8]), atol=1e-5, rtol=0)
