@@ -47,4 +47,65 @@ CASES: dict[str, tuple[str, dict]] = {
     # attention_bias on q/k/v and o with a tied head.
     "olmo2": ("olmo2", {}),
     "olmo2-bias-tied": ("olmo2", {"attention_bias": True, "tie_word_embeddings": True}),
+    # Granite: all four scalars off their defaults (embeddings x1.5, scores x0.25 instead of
+    # 8 ** -0.5, residual branches x0.7, logits / 3); the defaults (all 1: unscaled scores) tied.
+    "granite": (
+        "granite",
+        {"embedding_multiplier": 1.5, "attention_multiplier": 0.25, "residual_multiplier": 0.7, "logits_scaling": 3.0},
+    ),
+    "granite-defaults-tied": ("granite", {"tie_word_embeddings": True}),
+    # StarCoder2: LayerNorm with bias (random, non-zero), plain gelu_pytorch_tanh MLP, biases on
+    # q/k/v/o and c_fc/c_proj, GQA (4 heads on 2), a window of 3 (shorter than the sequences),
+    # tied head; no biases and no window, untied.
+    "starcoder2": ("starcoder2", {"sliding_window": 3}),
+    "starcoder2-nobias-untied": ("starcoder2", {"use_bias": False, "tie_word_embeddings": False}),
+    # Phi: parallel attention + MLP from one LayerNorm, rotary on 50% of each head (the default),
+    # biases on q/k/v/dense, fc1/fc2 and lm_head, per-head q/k LayerNorms (random weights and
+    # biases); GQA (4 heads on 2) without q/k norms and with 25% rotary.
+    "phi": ("phi", {"qk_layernorm": True}),
+    "phi-gqa-quarter-rotary": (
+        "phi",
+        {
+            "num_key_value_heads": 2,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        },
+    ),
+    # Cohere: parallel attention + SwiGLU from one bias-free LayerNorm (random weights),
+    # interleaved rotary, per-head-weighted q/k norms (random (heads, head_dim) weights), GQA,
+    # logits x 0.5 (a default 0.0625 would squash the logits below the test's scale), tied head;
+    # then no q/k norms, untied, with attention biases.
+    "cohere": ("cohere", {"use_qk_norm": True, "logit_scale": 0.5}),
+    "cohere-untied-bias": ("cohere", {"tie_word_embeddings": False, "attention_bias": True, "logit_scale": 0.75}),
+    # Phi-3: fused qkv_proj (GQA: 4 query heads, 2 kv heads) and gate_up_proj; rotary on half of
+    # each head; longrope with original_max_position_embeddings 2, so every call of the tests
+    # (3+ tokens) uses long_factor, with the derived attention factor sqrt(1 + ln(256/2) / ln 2);
+    # a window of 3 shorter than the sequences.
+    "phi3": (
+        "phi3",
+        {
+            "original_max_position_embeddings": 2,
+            "sliding_window": 3,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+                "short_factor": [1.3, 1.9],
+                "long_factor": [2.5, 7.0],
+            },
+        },
+    ),
+    # longrope below the switch point (original 64 > every test length): short_factor with the
+    # attention factor of factor 256 / 64; full rotary, no window.
+    "phi3-longrope-short": (
+        "phi3",
+        {
+            "original_max_position_embeddings": 64,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.5, 2.0, 3.0, 5.0],
+                "long_factor": [4.0, 4.0, 8.0, 9.0],
+            },
+        },
+    ),
 }

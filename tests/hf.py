@@ -86,6 +86,52 @@ TINY = {
         num_key_value_heads=2,
         max_position_embeddings=256,
     ),
+    "granite": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    ),
+    "starcoder2": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    ),
+    "phi": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+    ),
+    "cohere": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    ),
+    "phi3": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=None,  # the default 32000 is outside the tiny vocabulary (an embedding padding_idx)
+        eos_token_id=2,
+    ),
 }
 CONFIGS = {
     "llama": transformers.LlamaConfig,
@@ -98,6 +144,11 @@ CONFIGS = {
     "qwen3": transformers.Qwen3Config,
     "gemma2": transformers.Gemma2Config,
     "olmo2": transformers.Olmo2Config,
+    "granite": transformers.GraniteConfig,
+    "starcoder2": transformers.Starcoder2Config,
+    "phi": transformers.PhiConfig,
+    "cohere": transformers.CohereConfig,
+    "phi3": transformers.Phi3Config,
 }
 
 

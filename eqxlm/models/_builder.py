@@ -38,6 +38,7 @@ from ..nn import (
     run_layers,
 )
 from ..nn._linear import make_linear
+from ..nn._rotary import longrope_uses_long
 from ._contract import AbstractCausalLM, GenerationConfig, ModelOutput
 
 
@@ -93,7 +94,11 @@ class DecoderSpec:
     sliding layers (Gemma 3); `qkv_bias`, `o_bias`; `query_scale` (None = `head_dim**-0.5`; a tuple gives one per layer);
     `attn_logit_softcap`; `layer_windows` (per layer: None = full causal, or a window).
     MLP: `mlp` (`"gated"` or `"plain"`), `activation` (an `hidden_act` name), `mlp_bias`.
-    Head: `tie_word_embeddings`, `lm_head_bias`, `final_logit_softcap`, `logit_scale`.
+    Head: `tie_word_embeddings`, `lm_head_bias`, `final_logit_softcap`, `logit_scale`
+    (multiplied: Cohere), `logit_divisor` (divided: Granite's `logits_scaling`, as
+    transformers divides; `x / d` and `x * (1 / d)` differ in the last bit).
+    `qk_norm="head_weights"` is a per-head norm with its own weights per head, stored
+    `(heads, head_dim)` (Cohere's `use_qk_norm`).
     """
 
     vocab_size: int
@@ -130,6 +135,7 @@ class DecoderSpec:
     lm_head_bias: bool = False
     final_logit_softcap: float | None = None
     logit_scale: float | None = None
+    logit_divisor: float | None = None
     initializer_range: float = 0.02
 
     def __post_init__(self):
@@ -144,6 +150,10 @@ class DecoderSpec:
             raise ValueError(f"DecoderSpec: norms must be 'pre', 'sandwich' or 'post', got {self.norms!r}.")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"DecoderSpec: num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads}).")
+        if self.positions == "rope":  # rope settings the part refuses (longrope factor lengths, ...) fail here, by name
+            for rope in (self.rope, self.local_rope):
+                if rope is not None:
+                    rope.make(self.head_dim)
 
     @property
     def windows(self) -> tuple[int | None, ...]:
@@ -251,6 +261,27 @@ def embed(embedding: eqx.nn.Embedding, input_ids: Int[Array, " seq"], what: str 
     return embedding.weight[input_ids]
 
 
+def _refuse_longrope_switch(spec: DecoderSpec, positions, cache: Cache):
+    """A cached call that crosses `original_max_position_embeddings` under `longrope` is an
+    error: transformers then re-encodes the whole sequence with `long_factor`
+    (`Phi3ForCausalLM.prepare_inputs_for_generation` drops the cache), while the cached keys
+    here were rotated with `short_factor`. Prefill past the switch point instead."""
+    for rope in (spec.rope, spec.local_rope) if spec.positions == "rope" else ():
+        scaling = None if rope is None else rope.scaling
+        if scaling is None or scaling.rope_type != "longrope":
+            continue
+        before = cache.next_position
+        crossing = (before > 0) & (before <= scaling.original_max_position_embeddings) & longrope_uses_long(scaling, positions)
+        positions = eqx.error_if(
+            positions,
+            crossing,
+            "longrope: a cached call crossing original_max_position_embeddings "
+            f"({scaling.original_max_position_embeddings}) is refused (transformers re-encodes the whole sequence "
+            "with long_factor there); run the sequence past that length without the cache",
+        )
+    return positions
+
+
 class Decoder(eqx.Module):
     """The decoder without its head (transformers' `LlamaModel`, `BloomModel`, ...):
     embeddings, the layers (unrolled, or scanned: a [`LayerStack`][]), the final norm."""
@@ -297,6 +328,8 @@ class Decoder(eqx.Module):
         **Returns:** a [`ModelOutput`][]."""
         spec = self.spec
         valid, positions = resolve_positions(input_ids, attention_mask, positions, cache)
+        if cache is not None:
+            positions = _refuse_longrope_switch(spec, positions, cache)
         x = embed(self.embed_tokens, input_ids)
         if spec.embedding_scale is not None:  # a float32 scalar cast to the compute dtype, as transformers does
             x = x * jnp.asarray(spec.embedding_scale, jnp.float32).astype(x.dtype)
@@ -388,6 +421,8 @@ class DecoderLM(AbstractCausalLM):
             logits = jax.vmap(self.lm_head)(hidden)
         if spec.logit_scale is not None:
             logits = logits * jnp.asarray(spec.logit_scale, logits.dtype)
+        if spec.logit_divisor is not None:
+            logits = logits / jnp.asarray(spec.logit_divisor, logits.dtype)
         if spec.final_logit_softcap is not None:
             cap = jnp.asarray(spec.final_logit_softcap, logits.dtype)
             logits = jnp.tanh(logits / cap) * cap

@@ -259,6 +259,8 @@ def rope_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
         merged.pop("partial_rotary_factor", None)
         raw["rope_scaling"] = None
     else:
+        if rope_type == "longrope":  # a missing factor is derived from max_position_embeddings, never 1
+            merged.setdefault("factor", None)
         known = {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type"}
         unknown = sorted(set(merged) - known)
         if unknown:
