@@ -23,4 +23,8 @@ CASES: dict[str, tuple[str, dict]] = {
     "gpt2": ("gpt2", {}),
     "gpt2-scales": ("gpt2", {"scale_attn_by_inverse_layer_idx": True, "activation_function": "gelu_new"}),
     "gpt2-unscaled": ("gpt2", {"scale_attn_weights": False, "n_inner": 40}),
+    # Mixtral: 4 experts, top-2 renormalised routing (router weights std 0.2: no near-ties),
+    # a sliding window (3) shorter than the sequences; the full-attention, top-1 variant.
+    "mixtral": ("mixtral", {"sliding_window": 3}),
+    "mixtral-top1": ("mixtral", {"num_experts_per_tok": 1}),
 }

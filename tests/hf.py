@@ -57,6 +57,17 @@ TINY = {
         num_key_value_heads=2,
         max_position_embeddings=256,
     ),
+    "mixtral": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    ),
 }
 CONFIGS = {
     "llama": transformers.LlamaConfig,
@@ -66,6 +77,7 @@ CONFIGS = {
     "gemma": transformers.GemmaConfig,
     "gpt_neox": transformers.GPTNeoXConfig,
     "gpt2": transformers.GPT2Config,
+    "mixtral": transformers.MixtralConfig,
 }
 
 

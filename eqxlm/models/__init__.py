@@ -15,6 +15,7 @@ from . import gpt2 as gpt2
 from . import gpt_neox as gpt_neox
 from . import llama as llama
 from . import mistral as mistral
+from . import mixtral as mixtral
 from . import qwen2 as qwen2
 from ._builder import Decoder, DecoderLM, DecoderSpec, NormSpec, RopeSpec
 from ._config import BaseConfig, ConfigError
