@@ -27,4 +27,10 @@ CASES: dict[str, tuple[str, dict]] = {
     # a sliding window (3) shorter than the sequences; the full-attention, top-1 variant.
     "mixtral": ("mixtral", {"sliding_window": 3}),
     "mixtral-top1": ("mixtral", {"num_experts_per_tok": 1}),
+    # Qwen3-MoE: per-head q/k RMSNorm (norm weights around 1), head_dim 16 != 32 / 4,
+    # renormalised top-2 (`norm_topk_prob`), a dense MLP on layer 1 (`mlp_only_layers`) between
+    # sparse layers; then unnormalised top-2, experts every second layer
+    # (`decoder_sparse_step` 2: layer 1 sparse, 0 and 2 dense) and a sliding window of 3.
+    "qwen3_moe": ("qwen3_moe", {"head_dim": 16, "norm_topk_prob": True, "mlp_only_layers": [1]}),
+    "qwen3_moe-step": ("qwen3_moe", {"decoder_sparse_step": 2, "use_sliding_window": True, "sliding_window": 3}),
 }

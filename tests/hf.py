@@ -68,6 +68,18 @@ TINY = {
         num_local_experts=4,
         num_experts_per_tok=2,
     ),
+    "qwen3_moe": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=56,
+        moe_intermediate_size=24,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        num_experts=4,
+        num_experts_per_tok=2,
+    ),
 }
 CONFIGS = {
     "llama": transformers.LlamaConfig,
@@ -78,6 +90,7 @@ CONFIGS = {
     "gpt_neox": transformers.GPTNeoXConfig,
     "gpt2": transformers.GPT2Config,
     "mixtral": transformers.MixtralConfig,
+    "qwen3_moe": transformers.Qwen3MoeConfig,
 }
 
 

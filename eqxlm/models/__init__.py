@@ -17,6 +17,7 @@ from . import llama as llama
 from . import mistral as mistral
 from . import mixtral as mixtral
 from . import qwen2 as qwen2
+from . import qwen3_moe as qwen3_moe
 from ._builder import Decoder, DecoderLM, DecoderSpec, NormSpec, RopeSpec
 from ._config import BaseConfig, ConfigError
 from ._contract import AbstractCausalLM, CausalLMOutput, GenerationConfig, ModelOutput, broadcast_cache
