@@ -32,5 +32,9 @@ CASES: dict[str, tuple[str, dict]] = {
     # sparse layers; then unnormalised top-2, experts every second layer
     # (`decoder_sparse_step` 2: layer 1 sparse, 0 and 2 dense) and a sliding window of 3.
     "qwen3_moe": ("qwen3_moe", {"head_dim": 16, "norm_topk_prob": True, "mlp_only_layers": [1]}),
+    # OLMoE: RMSNorm over the whole q and k projections, top-2 without renormalisation (the
+    # default); then renormalised top-3.
+    "olmoe": ("olmoe", {}),
+    "olmoe-norm-top3": ("olmoe", {"norm_topk_prob": True, "num_experts_per_tok": 3}),
     "qwen3_moe-step": ("qwen3_moe", {"decoder_sparse_step": 2, "use_sliding_window": True, "sliding_window": 3}),
 }

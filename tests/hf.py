@@ -80,6 +80,19 @@ TINY = {
         num_experts=4,
         num_experts_per_tok=2,
     ),
+    "olmoe": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        num_experts=4,
+        num_experts_per_tok=2,
+        pad_token_id=1,
+        eos_token_id=2,
+    ),
 }
 CONFIGS = {
     "llama": transformers.LlamaConfig,
@@ -91,6 +104,7 @@ CONFIGS = {
     "gpt2": transformers.GPT2Config,
     "mixtral": transformers.MixtralConfig,
     "qwen3_moe": transformers.Qwen3MoeConfig,
+    "olmoe": transformers.OlmoeConfig,
 }
 
 

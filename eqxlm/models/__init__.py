@@ -16,6 +16,7 @@ from . import gpt_neox as gpt_neox
 from . import llama as llama
 from . import mistral as mistral
 from . import mixtral as mixtral
+from . import olmoe as olmoe
 from . import qwen2 as qwen2
 from . import qwen3_moe as qwen3_moe
 from ._builder import Decoder, DecoderLM, DecoderSpec, NormSpec, RopeSpec
