@@ -36,5 +36,13 @@ CASES: dict[str, tuple[str, dict]] = {
     # default); then renormalised top-3.
     "olmoe": ("olmoe", {}),
     "olmoe-norm-top3": ("olmoe", {"norm_topk_prob": True, "num_experts_per_tok": 3}),
+    # Qwen2-MoE: biased q/k/v, a shared expert with its sigmoid gate, unnormalised top-2, a dense
+    # MLP on layer 2 (`mlp_only_layers`), sliding windows (3) on the layers `layer_types` marks;
+    # then renormalised routing with experts every second layer (`decoder_sparse_step` 2).
+    "qwen2_moe": (
+        "qwen2_moe",
+        {"mlp_only_layers": [2], "use_sliding_window": True, "sliding_window": 3, "max_window_layers": 3},
+    ),
+    "qwen2_moe-step": ("qwen2_moe", {"norm_topk_prob": True, "decoder_sparse_step": 2}),
     "qwen3_moe-step": ("qwen3_moe", {"decoder_sparse_step": 2, "use_sliding_window": True, "sliding_window": 3}),
 }

@@ -93,6 +93,19 @@ TINY = {
         pad_token_id=1,
         eos_token_id=2,
     ),
+    "qwen2_moe": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=56,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        num_experts=4,
+        num_experts_per_tok=2,
+    ),
 }
 CONFIGS = {
     "llama": transformers.LlamaConfig,
@@ -105,6 +118,7 @@ CONFIGS = {
     "mixtral": transformers.MixtralConfig,
     "qwen3_moe": transformers.Qwen3MoeConfig,
     "olmoe": transformers.OlmoeConfig,
+    "qwen2_moe": transformers.Qwen2MoeConfig,
 }
 
 

@@ -18,6 +18,7 @@ from . import mistral as mistral
 from . import mixtral as mixtral
 from . import olmoe as olmoe
 from . import qwen2 as qwen2
+from . import qwen2_moe as qwen2_moe
 from . import qwen3_moe as qwen3_moe
 from ._builder import Decoder, DecoderLM, DecoderSpec, NormSpec, RopeSpec
 from ._config import BaseConfig, ConfigError
