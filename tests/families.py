@@ -108,4 +108,26 @@ CASES: dict[str, tuple[str, dict]] = {
             },
         },
     ),
+    # Mixtral: 4 experts, top-2 renormalised routing (router weights std 0.2: no near-ties),
+    # a sliding window (3) shorter than the sequences; the full-attention, top-1 variant.
+    "mixtral": ("mixtral", {"sliding_window": 3}),
+    "mixtral-top1": ("mixtral", {"num_experts_per_tok": 1}),
+    # Qwen3-MoE: per-head q/k RMSNorm (norm weights around 1), head_dim 16 != 32 / 4,
+    # renormalised top-2 (`norm_topk_prob`), a dense MLP on layer 1 (`mlp_only_layers`) between
+    # sparse layers; then unnormalised top-2, experts every second layer
+    # (`decoder_sparse_step` 2: layer 1 sparse, 0 and 2 dense) and a sliding window of 3.
+    "qwen3_moe": ("qwen3_moe", {"head_dim": 16, "norm_topk_prob": True, "mlp_only_layers": [1]}),
+    # OLMoE: RMSNorm over the whole q and k projections, top-2 without renormalisation (the
+    # default); then renormalised top-3.
+    "olmoe": ("olmoe", {}),
+    "olmoe-norm-top3": ("olmoe", {"norm_topk_prob": True, "num_experts_per_tok": 3}),
+    # Qwen2-MoE: biased q/k/v, a shared expert with its sigmoid gate, unnormalised top-2, a dense
+    # MLP on layer 2 (`mlp_only_layers`), sliding windows (3) on the layers `layer_types` marks;
+    # then renormalised routing with experts every second layer (`decoder_sparse_step` 2).
+    "qwen2_moe": (
+        "qwen2_moe",
+        {"mlp_only_layers": [2], "use_sliding_window": True, "sliding_window": 3, "max_window_layers": 3},
+    ),
+    "qwen2_moe-step": ("qwen2_moe", {"norm_topk_prob": True, "decoder_sparse_step": 2}),
+    "qwen3_moe-step": ("qwen3_moe", {"decoder_sparse_step": 2, "use_sliding_window": True, "sliding_window": 3}),
 }

@@ -33,6 +33,7 @@ from ..nn import (
     RopeScaling,
     RotaryEmbedding,
     SlotTable,
+    SparseMoE,
     attention_frames,
     regroup,
     run_layers,
@@ -77,6 +78,25 @@ class RopeSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoESpec:
+    """A sparse mixture-of-experts MLP (see [`eqxlm.nn.SparseMoE`][]): `num_experts`,
+    `top_k`, each expert's `intermediate_size`, `normalize` (renormalise the top-k routing
+    weights), `shared_intermediate_size` (a shared expert with a sigmoid gate, or None), and
+    `sparse_layers` (per layer: True = experts, False = the dense MLP of the spec's
+    `intermediate_size`; None = every layer sparse)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    normalize: bool = True
+    shared_intermediate_size: int | None = None
+    sparse_layers: tuple[bool, ...] | None = None
+
+    def is_sparse(self, i: int) -> bool:
+        return self.sparse_layers is None or self.sparse_layers[i]
+
+
+@dataclasses.dataclass(frozen=True)
 class DecoderSpec:
     """Every choice that distinguishes a Llama-like family. Defaults are Llama's.
 
@@ -93,7 +113,8 @@ class DecoderSpec:
     Attention: `positions` (`"rope"`, `"alibi"` or None) with `rope`, and `local_rope` for
     sliding layers (Gemma 3); `qkv_bias`, `o_bias`; `query_scale` (None = `head_dim**-0.5`; a tuple gives one per layer);
     `attn_logit_softcap`; `layer_windows` (per layer: None = full causal, or a window).
-    MLP: `mlp` (`"gated"` or `"plain"`), `activation` (an `hidden_act` name), `mlp_bias`.
+    MLP: `mlp` (`"gated"` or `"plain"`), `activation` (an `hidden_act` name), `mlp_bias`;
+    `moe` (a [`MoESpec`][]: mixture-of-experts layers) or None.
     Head: `tie_word_embeddings`, `lm_head_bias`, `final_logit_softcap`, `logit_scale`
     (multiplied: Cohere), `logit_divisor` (divided: Granite's `logits_scaling`, as
     transformers divides; `x / d` and `x * (1 / d)` differ in the last bit).
@@ -137,6 +158,7 @@ class DecoderSpec:
     logit_scale: float | None = None
     logit_divisor: float | None = None
     initializer_range: float = 0.02
+    moe: MoESpec | None = None
 
     def __post_init__(self):
         if len(self.layer_windows) != self.num_layers:
@@ -207,14 +229,28 @@ def make_layer(spec: DecoderSpec, i: int, dtype, key: PRNGKeyArray) -> DecoderLa
         key=k_attn,
     )
     mlp_cls = GatedMLP if spec.mlp == "gated" else MLP
-    mlp = mlp_cls(
-        spec.hidden_size,
-        spec.intermediate_size,
-        use_bias=spec.mlp_bias,
-        activation=ACTIVATIONS[spec.activation],
-        dtype=dtype,
-        key=k_mlp,
-    )
+    if spec.moe is not None and spec.moe.is_sparse(i):
+        moe = spec.moe
+        mlp = SparseMoE(
+            spec.hidden_size,
+            moe.intermediate_size,
+            moe.num_experts,
+            moe.top_k,
+            normalize=moe.normalize,
+            shared_intermediate_size=moe.shared_intermediate_size,
+            activation=ACTIVATIONS[spec.activation],
+            dtype=dtype,
+            key=k_mlp,
+        )
+    else:
+        mlp = mlp_cls(
+            spec.hidden_size,
+            spec.intermediate_size,
+            use_bias=spec.mlp_bias,
+            activation=ACTIVATIONS[spec.activation],
+            dtype=dtype,
+            key=k_mlp,
+        )
     norm = lambda: spec.norm.make(spec.hidden_size, dtype)  # noqa: E731
     pre = spec.norms in ("pre", "sandwich")
     post = spec.norms in ("sandwich", "post")
