@@ -395,7 +395,12 @@ def train(config: TrainConfig, *, trainable=eqx.is_array) -> Run:
         if restored.meta["step"] != start or batches.get_state()["next_index"] != start:
             raise TrainError(f"checkpoint {ckpt_dir / str(start)} is inconsistent: meta step {restored.meta['step']}.")
 
-    # 4. From here on the run folder is written.
+    # 4. From here on the run folder is written, once every process has passed the checks
+    # (else a slower process would find the folder already written and refuse it).
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("eqxlm.train: checks passed")
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(saved_config_path, config.to_json())
