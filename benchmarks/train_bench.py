@@ -6,8 +6,8 @@
 Throughput: `eqxlm train` on a fresh Llama of the ~125M shape (vocab 32000, hidden 768,
 intermediate 2048, 12 layers, 12 heads; 134M parameters, untied head), float32, AdamW,
 batch 8 (`--batch-size`) x 128 tokens, on CPython's pydoc text, in fresh processes: 1 process x 1 device,
-1 process x 8 simulated devices (mesh data=8), and 2 processes x 4 devices each over
-localhost (jax.distributed, gloo; mesh data=8). tokens/s is read from each step's
+1 process x 8 simulated devices, and 2 processes x 4 devices each over localhost
+(jax.distributed, gloo), the 8-device layouts on `--mesh` (default data=8). tokens/s is read from each step's
 metrics row (the step's tokens over its wall time); the first two steps (compilation) are
 left out, and the median with min/max of the rest is printed.
 
@@ -160,6 +160,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few steps (a smoke run)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per configuration (default 8; quick 6)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences of 128 tokens per step (default 8)")
+    parser.add_argument("--layouts", default="1x1,1x8,2x4", help="processes x devices to run (default 1x1,1x8,2x4)")
+    parser.add_argument("--mesh", default="data=8", help="mesh of the 8-device layouts (default data=8)")
     parser.add_argument("--reps", type=int, default=3, help="checkpoint save/restore repetitions")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
@@ -170,7 +172,8 @@ def main():
     print(f"machine: {os.cpu_count()} CPU cores; model {SHAPES['tiny' if args.quick else '125m']} (hidden, intermediate, "
           f"layers, heads, vocab); batch {args.batch_size} x 128 tokens; {steps} steps, first 2 left out")  # fmt: skip
     runs = []
-    for processes, devices, mesh in ((1, 1, "data=1"), (1, 8, "data=8"), (2, 4, "data=8")):
+    layouts = {"1x1": (1, 1, "data=1"), "1x8": (1, 8, args.mesh), "2x4": (2, 4, args.mesh)}
+    for processes, devices, mesh in (layouts[name] for name in args.layouts.split(",")):
         r = throughput(model_dir, data, work, processes=processes, devices=devices, steps=steps, mesh=mesh, batch=args.batch_size)
         runs.append(r)
         print(f"| {processes} process(es) x {devices} device(s), mesh {mesh} | {r['median']:,.0f} tokens/s "
