@@ -74,6 +74,8 @@ class Qwen2MoeConfig(BaseConfig):
     def __post_init__(self):
         super().__post_init__()
         object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers or ()))
+        if not self.use_sliding_window:  # as `Qwen2MoeConfig.__post_init__`
+            object.__setattr__(self, "sliding_window", 0)
         if self.layer_types is not None:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
             bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
