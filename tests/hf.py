@@ -86,6 +86,16 @@ TINY = {
         num_key_value_heads=2,
         max_position_embeddings=256,
     ),
+    "gemma3_text": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+    ),
 }
 CONFIGS = {
     "llama": transformers.LlamaConfig,
@@ -98,6 +108,7 @@ CONFIGS = {
     "qwen3": transformers.Qwen3Config,
     "gemma2": transformers.Gemma2Config,
     "olmo2": transformers.Olmo2Config,
+    "gemma3_text": transformers.Gemma3TextConfig,
 }
 
 

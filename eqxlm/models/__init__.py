@@ -12,6 +12,7 @@ The registry, one line per family (importing a family file registers it):
 from . import bloom as bloom
 from . import gemma as gemma
 from . import gemma2 as gemma2
+from . import gemma3_text as gemma3_text
 from . import gpt2 as gpt2
 from . import gpt_neox as gpt_neox
 from . import llama as llama
