@@ -130,4 +130,25 @@ CASES: dict[str, tuple[str, dict]] = {
     ),
     "qwen2_moe-step": ("qwen2_moe", {"norm_topk_prob": True, "decoder_sparse_step": 2}),
     "qwen3_moe-step": ("qwen3_moe", {"decoder_sparse_step": 2, "use_sliding_window": True, "sliding_window": 3}),
+    # Gemma 3 (text): Gemma 2's layout plus per-head (1 + w) q/k norms; six layers in the 5:1
+    # sliding/global pattern (scanned: a segment of five, then one); sliding layers (window 4 <
+    # the sequences) rotate with theta 10 and global ones with theta 100 and linear scaling 2
+    # (either swapped for the other moves the logits); queries scaled by the default
+    # query_pre_attn_scalar 256 ** -0.5 (not head_dim 16 ** -0.5). Then a final
+    # soft-cap that binds (4.0) and an attention one (1.5) that transformers stores but never
+    # applies (Gemma3Attention passes no softcap), attention_bias and an untied head.
+    "gemma3_text-local-rope": (
+        "gemma3_text",
+        {
+            "sliding_window": 4,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100.0},
+            },
+        },
+    ),
+    "gemma3_text-capped": (
+        "gemma3_text",
+        {"attn_logit_softcapping": 1.5, "final_logit_softcapping": 4.0, "tie_word_embeddings": False, "attention_bias": True},
+    ),
 }

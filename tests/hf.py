@@ -181,6 +181,16 @@ TINY = {
         num_experts=4,
         num_experts_per_tok=2,
     ),
+    "gemma3_text": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=56,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+    ),
 }
 CONFIGS = {
     "llama": transformers.LlamaConfig,
@@ -202,6 +212,7 @@ CONFIGS = {
     "qwen3_moe": transformers.Qwen3MoeConfig,
     "olmoe": transformers.OlmoeConfig,
     "qwen2_moe": transformers.Qwen2MoeConfig,
+    "gemma3_text": transformers.Gemma3TextConfig,
 }
 
 

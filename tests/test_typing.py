@@ -65,8 +65,8 @@ def test_float_token_ids_are_rejected(jit):
     with pytest.raises(TypeCheckError) as info:
         call(jnp.ones(4, jnp.float32))
     assert str(info.value) == (
-        "eqxlm.models.llama.LlamaForCausalLM.__call__: parameter 'input_ids' expected Int[Array, 'seq'], got float32[4].\n"
-        "The dtype is wrong: expected Int, got float32. Token ids are integers: `jnp.asarray(input_ids, jnp.int32)`."
+        "input_ids: token ids must be integers, got float32[4]. "
+        "Convert them with `jnp.asarray(input_ids, jnp.int32)` (ids of a tokenizer are ints already)."
     )
 
 
@@ -75,8 +75,7 @@ def test_batched_ids_tell_you_to_vmap():
     with pytest.raises(TypeCheckError) as info:
         model(jnp.ones((2, 4), jnp.int32))
     assert str(info.value) == (
-        "eqxlm.models.llama.LlamaForCausalLM.__call__: parameter 'input_ids' expected Int[Array, 'seq'], got int32[2,4].\n"
-        "This takes one example; for a batch, map it with `jax.vmap`."
+        "input_ids: expected 1 dims (seq), got int32[2,4]. This takes one sequence; for a batch, map it with `jax.vmap`."
     )
     assert jax.vmap(model)(jnp.ones((2, 4), jnp.int32)).logits.shape == (2, 4, 32)
 
@@ -86,10 +85,7 @@ def test_a_model_is_never_printed():
     model = _tiny()
     with pytest.raises(TypeCheckError) as info:
         eqxlm.generate(model.model, jnp.ones((1, 4), jnp.int32))
-    assert str(info.value) == (
-        "eqxlm.generation.generate: parameter 'model' expected BloomForCausalLM | LlamaForCausalLM | MistralForCausalLM, "
-        "got LlamaModel."
-    )
+    assert str(info.value) == "eqxlm.generation.generate: parameter 'model' expected AbstractCausalLM, got Decoder."
 
 
 def test_switch_turns_checks_off():

@@ -13,6 +13,7 @@ from . import bloom as bloom
 from . import cohere as cohere
 from . import gemma as gemma
 from . import gemma2 as gemma2
+from . import gemma3_text as gemma3_text
 from . import gpt2 as gpt2
 from . import gpt_neox as gpt_neox
 from . import granite as granite
