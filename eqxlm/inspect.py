@@ -109,7 +109,7 @@ class Hook(eqx.Module):
             if spec.mode == "replace":
                 new = jnp.broadcast_to(value, x.shape).astype(x.dtype)
             elif spec.mode == "add":
-                new = x + value.astype(x.dtype)
+                new = x + jnp.broadcast_to(value, x.shape).astype(x.dtype)
             else:
                 new = spec.fn(x)
             if config.stacked:  # a scanned segment: `values[0]` holds this repetition's index
