@@ -74,7 +74,10 @@ def test_patching_a_layer_output_with_another_prompts_value_is_a_two_pass_comput
     for layer in _layers(model)[1:]:
         x, _, _ = layer(x, frame_of[layer.self_attn.sliding_window])
     want = model.logits(jax.vmap(model.model.norm)(x))
-    np.testing.assert_array_equal(got, want)
+    if isinstance(model.model.layers, eqxlm.nn.LayerStack):  # lax.scan vs the layers one by one: 1e-6 (README)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    else:
+        np.testing.assert_array_equal(got, want)
 
 
 def test_ablating_a_head_removes_exactly_its_share_of_the_attention_output(case):
@@ -156,7 +159,7 @@ def test_vmap_and_jit_over_a_batch(case):
     _, acts = eqx.filter_jit(jax.vmap(inspect.run, in_axes=(None, 0)))(hooked, batch)
     for row in range(2):
         _, one = inspect.run(hooked, batch[row])
-        np.testing.assert_allclose(acts["model.layers.1.self_attn.v"][row], one["model.layers.1.self_attn.v"], atol=1e-6)
+        np.testing.assert_allclose(acts["model.layers.1.self_attn.v"][row], one["model.layers.1.self_attn.v"], atol=1e-5)
 
 
 @pytest.mark.slow  # one to two minutes per family on two shared cores
