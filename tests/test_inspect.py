@@ -197,3 +197,14 @@ def test_names_checkpoint_names_and_where():
     with pytest.raises(RuntimeError, match="inspect.run"):
         inspect.capture(model, "model.layers.0")(ids)
     assert "model.layers.1.self_attn.z" in inspect.hook_names(model)
+
+
+def test_models_configs_and_captures_render_with_treescope_and_print_short():
+    treescope = pytest.importorskip("treescope")
+    model = eqxlm.from_pretrained("eqxlm/default")
+    hooked = inspect.capture(model, "model.layers.1.self_attn.probs")
+    _, acts = inspect.run(hooked, jnp.asarray(IDS))
+    for thing in (model, model.config, acts, hooked):
+        assert "<" in treescope.render_to_html(thing)
+    text = repr(model)
+    assert "f32[192,192]" in text and "Array(" not in text and len(text) < 20_000
