@@ -22,7 +22,8 @@ class Qwen2Config(BaseConfig):
     model_type: ClassVar[str] = "qwen2"
     architecture: ClassVar[str] = "Qwen2ForCausalLM"
     features: ClassVar[str] = (
-        "biased q/k/v with an unbiased o, sliding windows on the layers `layer_types` (or `max_window_layers`) marks"
+        "biased q/k/v with an unbiased o, "
+        "sliding windows on the layers `layer_types` (or `max_window_layers`) marks"
     )
     refused: ClassVar[str] = "other `rope_type`s"
     hf_fields: ClassVar[dict[str, str]] = {
