@@ -5,9 +5,9 @@
 
 Throughput: `eqxlm train` on a fresh Llama of the ~125M shape (vocab 32000, hidden 768,
 intermediate 2048, 12 layers, 12 heads; 134M parameters, untied head), float32, AdamW,
-batch 8 x 128 tokens, on CPython's pydoc text, in fresh processes: 1 process x 1 device,
-1 process x 8 simulated devices (mesh data=8), and 2 processes x 4 devices each over
-localhost (jax.distributed, gloo; mesh data=8). tokens/s is read from each step's
+batch 8 (`--batch-size`) x 128 tokens, on CPython's pydoc text, in fresh processes: 1 process x 1 device,
+1 process x 8 simulated devices, and 2 processes x 4 devices each over localhost
+(jax.distributed, gloo), the 8-device layouts on `--mesh` (default data=8). tokens/s is read from each step's
 metrics row (the step's tokens over its wall time); the first two steps (compilation) are
 left out, and the median with min/max of the rest is printed.
 
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's eqxlm, also for the child processes (PYTHONPATH below)
 
 SHAPES = {  # name: (hidden, intermediate, layers, heads, vocab)
     "125m": (768, 2048, 12, 12, 32000),
@@ -80,10 +81,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def throughput(model_dir, data, work: Path, *, processes: int, devices: int, steps: int, mesh: str) -> dict:
+def throughput(model_dir, data, work: Path, *, processes: int, devices: int, steps: int, mesh: str, batch: int) -> dict:
     out = work / f"run-{processes}x{devices}"
     args = ["--model-config", str(model_dir), "--data", str(data), "--output-dir", str(out), "--steps", str(steps),
-            "--batch-size", "8", "--seq-len", "128", "--mesh", mesh, "--eval-fraction", "0", "--save-every", "100000",
+            "--batch-size", str(batch), "--seq-len", "128", "--mesh", mesh, "--eval-fraction", "0", "--save-every", "100000",
             "--no-export", "--no-plot", "--no-progress"]  # fmt: skip
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT),
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}  # fmt: skip
@@ -158,6 +159,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few steps (a smoke run)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per configuration (default 8; quick 6)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences of 128 tokens per step (default 8)")
+    parser.add_argument("--layouts", default="1x1,1x8,2x4", help="processes x devices to run (default 1x1,1x8,2x4)")
+    parser.add_argument("--mesh", default="data=8", help="mesh of the 8-device layouts (default data=8)")
     parser.add_argument("--reps", type=int, default=3, help="checkpoint save/restore repetitions")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
@@ -166,10 +170,11 @@ def main():
     model_dir = config_json(SHAPES["tiny" if args.quick else "125m"], work / "model")
     data = corpus(work / "docs.txt")
     print(f"machine: {os.cpu_count()} CPU cores; model {SHAPES['tiny' if args.quick else '125m']} (hidden, intermediate, "
-          f"layers, heads, vocab); batch 8 x 128 tokens; {steps} steps, first 2 left out")  # fmt: skip
+          f"layers, heads, vocab); batch {args.batch_size} x 128 tokens; {steps} steps, first 2 left out")  # fmt: skip
     runs = []
-    for processes, devices, mesh in ((1, 1, "data=1"), (1, 8, "data=8"), (2, 4, "data=8")):
-        r = throughput(model_dir, data, work, processes=processes, devices=devices, steps=steps, mesh=mesh)
+    layouts = {"1x1": (1, 1, "data=1"), "1x8": (1, 8, args.mesh), "2x4": (2, 4, args.mesh)}
+    for processes, devices, mesh in (layouts[name] for name in args.layouts.split(",")):
+        r = throughput(model_dir, data, work, processes=processes, devices=devices, steps=steps, mesh=mesh, batch=args.batch_size)
         runs.append(r)
         print(f"| {processes} process(es) x {devices} device(s), mesh {mesh} | {r['median']:,.0f} tokens/s "
               f"(min {r['min']:,.0f}, max {r['max']:,.0f}, {r['steps_timed']} steps) |", flush=True)  # fmt: skip

@@ -9,6 +9,7 @@ transposed projections, alternative spellings). Works for any model that impleme
 
 import functools
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -18,12 +19,15 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors
 import safetensors.numpy
 from tqdm import tqdm
 
+from . import _safetensors as st
+from ._memory import check_fits_in_memory
+from ._safetensors import CheckpointError
 from .default import DEFAULT_MODEL, default_model_path
-from .models import AbstractCausalLM, GenerationConfig, lookup, supported_model_types
+from .models import AbstractCausalLM, ConfigError, GenerationConfig, lookup, supported_model_types
+from .models._config import check_field_types
 from .params import CheckpointTensor, leaf_specs, param_refs, parameter_count
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -39,21 +43,6 @@ HUB_PATTERNS = [
     "special_tokens_map.json",
     "chat_template.jinja",
 ]
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as it is; the message names every bad tensor."""
-
-
-def _dtype(dtype):
-    if dtype is None:
-        return None
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}.")
-        return _DTYPES[dtype]
-    return jnp.dtype(dtype).type if not isinstance(dtype, type) else dtype
 
 
 # -- locating files -----------------------------------------------------------------------
@@ -84,15 +73,10 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file, from the index or the single file."""
     index = folder / SAFE_INDEX
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        missing = sorted({f for f in weight_map.values() if not (folder / f).exists()})
-        if missing:
-            raise CheckpointError(f"{folder}: shard(s) named in {SAFE_INDEX} are missing: {', '.join(missing)}.")
-        return {name: folder / f for name, f in weight_map.items()}
+        return st.read_index(index)
     single = folder / SAFE_SINGLE
     if single.exists():
-        with safetensors.safe_open(single, framework="numpy") as f:
-            return {name: single for name in f.keys()}
+        return {name: single for name in st.SafetensorsFile(single).keys()}
     if list(folder.glob("*.bin")) or list(folder.glob("*.pt")) or list(folder.glob("*.pth")):
         raise CheckpointError(
             f"{folder}: only PyTorch pickle weights (.bin/.pt) found. eqxlm reads safetensors only; convert "
@@ -108,43 +92,44 @@ def load_config(folder: str | os.PathLike):
     path = Path(folder) / "config.json"
     if not path.exists():
         raise CheckpointError(f"{folder}: no config.json.")
-    raw = json.loads(path.read_text())
+    raw = st.read_json(path, "config")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of config fields, found {type(raw).__name__}.")
     model_type = raw.get("model_type")
     try:
-        config_class, _ = lookup(model_type)
+        config_class, _ = lookup(model_type) if isinstance(model_type, str) else lookup("")
     except KeyError:
         raise CheckpointError(
-            f"{path}: model_type {model_type!r} is not supported (supported: {', '.join(supported_model_types())})."
+            f"{path}: model_type {model_type!r:.40} is not supported (supported: {', '.join(supported_model_types())})."
         ) from None
-    return config_class.from_hf(raw)
+    try:
+        return config_class.from_hf(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _load_generation_config(folder: Path, config) -> GenerationConfig:
     raw: dict[str, Any] = {}
     path = folder / "generation_config.json"
     if path.exists():
-        raw = json.loads(path.read_text())
+        raw = st.read_json(path, "generation config")
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path}: expected a JSON object of generation settings, found {type(raw).__name__}.")
     eos = raw.get("eos_token_id", config.eos_token_id)
-    eos = None if eos is None else (tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),))
-    return GenerationConfig(
+    eos = tuple(eos) if isinstance(eos, list) else (eos,) if isinstance(eos, int) and not isinstance(eos, bool) else eos
+    generation = GenerationConfig(
         bos_token_id=raw.get("bos_token_id", config.bos_token_id),
         eos_token_id=eos,
         pad_token_id=raw.get("pad_token_id", config.pad_token_id),
     )
+    try:
+        check_field_types(generation)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return generation
 
 
 # -- loading ------------------------------------------------------------------------------
-def _target_dtype(dtype, stored: set[str]):
-    """The one dtype every weight ends in: the requested one, else the stored weights' (the
-    widest float when they differ)."""
-    if dtype is not None:
-        return jnp.dtype(dtype)
-    floats = [jnp.dtype(_SafetensorsHeader.DTYPES[d]) for d in stored if d in ("F64", "F32", "F16", "BF16")]
-    if not floats:
-        return jnp.dtype(jnp.float32)
-    return max(floats, key=lambda d: (d.itemsize, d == jnp.dtype(jnp.float32)))
-
-
 def from_pretrained(
     path_or_repo_id: str | os.PathLike,
     *,
@@ -161,8 +146,12 @@ def from_pretrained(
     - `path_or_repo_id`: a folder with `config.json` and safetensors (single file, or
       shards with `model.safetensors.index.json`), or a hub repo id resolved through
       `huggingface_hub` (cache and `HF_HUB_OFFLINE=1` honoured).
-    - `dtype`: `jnp.float32`, `jnp.bfloat16`, `jnp.float16` (or their names); default
-      the checkpoint's own dtype. Tensors are cast one at a time as they are read.
+    - `dtype`: `jnp.float32`, `jnp.bfloat16`, `jnp.float16` (or their names). Every weight
+      ends in this one dtype. Default: the config's `dtype` / `torch_dtype` when it names
+      one of these, else the stored weights' dtype (stored weights of mixed float dtypes:
+      the widest of them, float32 for float16 with bfloat16; float64: float32). Tensors
+      are cast one at a time as they are read (round to nearest even); a non-float tensor
+      where a weight belongs is a `CheckpointError` naming it and both dtypes.
     - `revision`: a hub branch, tag or commit.
     - `progress`: show a progress bar (default: for checkpoints over 256 MB).
     - `mesh`, `rules`: place each tensor straight onto its shards of a `jax.sharding.Mesh`
@@ -184,9 +173,11 @@ def from_pretrained(
     generation_config = _load_generation_config(folder, config)
     files = _tensor_files(folder)
     _, model_cls = lookup(config.model_type)
-    headers = {file: _SafetensorsHeader(file) for file in set(files.values())}
-    stored = {headers[file].entries[name]["dtype"] for name, file in files.items()}
-    dtype = _target_dtype(_dtype(dtype), stored)
+    readers = {file: st.SafetensorsFile(file) for file in sorted(set(files.values()))}
+    if (folder / SAFE_INDEX).exists():
+        st.check_index(folder / SAFE_INDEX, files, readers)
+    stored = {readers[file].entries[name].dtype for name, file in files.items()}
+    dtype = st.target_dtype(dtype, st.read_json(folder / "config.json", "config"), stored, folder / "config.json")
     extra = {"scan_layers": True} if scan_layers else {}
     skeleton = eqx.filter_eval_shape(
         lambda: model_cls(config, key=jax.random.key(0), dtype=dtype, generation_config=generation_config, **extra)
@@ -205,55 +196,62 @@ def from_pretrained(
         return None
 
     found: dict[str, tuple[str, Path]] = {}
-    unexpected, misshapen = [], []
+    unexpected, misshapen, wrong_dtype = [], [], []
     tied = getattr(config, "tie_word_embeddings", False)
     for file_name, file in files.items():
         name = known(file_name)
         if name is not None:
             found[name] = (file_name, file)
-            shape = tuple(headers[file].entries[file_name]["shape"])
-            if shape != tensors[name].shape:
-                misshapen.append(f"{file_name}: file {shape}, model {tensors[name].shape}")
+            info = readers[file].entries[file_name]
+            if info.shape != tensors[name].shape:
+                misshapen.append(f"{file.name}: {file_name}: file {info.shape}, model {tensors[name].shape}")
+            problem = st.check_float(file, file_name, info.dtype, dtype)
+            if problem:
+                wrong_dtype.append(problem)
         elif (ignored and ignored.search(file_name)) or (tied and file_name.endswith("lm_head.weight")):
             continue  # a recomputed buffer, or a tied head saved anyway (it equals the embedding)
         else:
-            unexpected.append(file_name)
+            unexpected.append(f"{file.name}: {file_name}")
     missing = sorted(set(tensors) - set(found))
     problems = []
     if missing:
-        problems.append(f"missing tensors: {', '.join(missing)}")
+        problems.append(f"missing tensors: {st._plural(missing, 12)}")
     if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(sorted(unexpected))}")
+        problems.append(f"unexpected tensors: {st._plural(sorted(unexpected), 12)}")
     if misshapen:
-        problems.append(f"misshapen tensors: {'; '.join(sorted(misshapen))}")
+        problems.append(f"misshapen tensors: {st._plural(sorted(misshapen), 8, '; ')}")
+    if wrong_dtype:
+        problems.append(f"wrong dtype: {st._plural(sorted(wrong_dtype), 8, '; ')}")
     if problems:
-        raise CheckpointError(f"{folder} does not match its config.json ({config.model_type}):\n  " + "\n  ".join(problems))
+        names = st._plural(sorted(f.name for f in readers), 3)
+        raise CheckpointError(f"{folder}: {names} does not match config.json ({config.model_type}):\n  " + "\n  ".join(problems))
+    needed = sum(math.prod(t.shape) for t in tensors.values()) * dtype.itemsize
+    check_fits_in_memory(needed, f"{folder} as {dtype.name}", devices=1 if mesh is None else mesh.size)
 
     leaves, treedef = jax.tree_util.tree_flatten(skeleton)
     values: list[Any] = list(leaves)
     rules = skeleton.partition_rules() if rules is None else rules
     specs = leaf_specs(skeleton, mesh, rules) if mesh is not None else {}
     stacked: dict[int, np.ndarray] = {}  # host buffers of stacked leaves, filled layer by layer
-    total = sum(f.stat().st_size for f in headers)
+    total = sum(f.stat().st_size for f in readers)
     show = progress if progress is not None else total > 256 * 2**20
     bar = tqdm(total=len(found), desc=f"loading {folder.name}", unit="tensor", disable=not show)
-    cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dtype else a  # noqa: E731
     for name, tensor in tensors.items():
         file_name, file = found[name]
         simple = tensor.fused is None and not tensor.transposed and not tensor.parts[0].index
         if simple:
             ref = tensor.parts[0]
-            values[ref.leaf] = _read(headers[file], file, file_name, tensor.shape, cast, mesh, specs.get(ref.leaf))
+            values[ref.leaf] = _read(readers[file], file_name, dtype, mesh, specs.get(ref.leaf))
         else:
-            for ref, part in zip(tensor.parts, tensor.split(headers[file].read(file_name)), strict=True):
+            for ref, part in zip(tensor.parts, tensor.split(readers[file].read(file_name)), strict=True):
                 if ref.index:
                     leaf = leaves[ref.leaf]
                     buffer = stacked.get(ref.leaf)
                     if buffer is None:
                         buffer = stacked[ref.leaf] = np.empty(leaf.shape, leaf.dtype)
-                    buffer[ref.index] = cast(part)
+                    buffer[ref.index] = st.cast(part, dtype)
                 else:
-                    values[ref.leaf] = _put(cast(part), mesh, specs.get(ref.leaf))
+                    values[ref.leaf] = _put(st.cast(part, dtype), mesh, specs.get(ref.leaf))
         bar.update()
     for leaf, buffer in stacked.items():
         values[leaf] = _put(buffer, mesh, specs.get(leaf))
@@ -267,50 +265,6 @@ def _put(array: np.ndarray, mesh, spec) -> jax.Array:
     return jax.device_put(array, jax.sharding.NamedSharding(mesh, spec))
 
 
-class _SafetensorsHeader:
-    """Offsets of a safetensors file's tensors, from its header (an 8-byte little-endian
-    length, then JSON), so that a tensor can be read with one `readinto` into its own numpy
-    buffer. Going through `safe_open`'s memory map instead leaves every page read resident
-    until the file is closed: a second copy of the weights at the end of a load."""
-
-    DTYPES = {
-        "F64": np.float64,
-        "F32": np.float32,
-        "F16": np.float16,
-        "BF16": jnp.bfloat16,
-        "I64": np.int64,
-        "I32": np.int32,
-        "I16": np.int16,
-        "I8": np.int8,
-        "U8": np.uint8,
-        "BOOL": np.bool_,
-    }
-
-    def __init__(self, file: Path):
-        self.file = file
-        with open(file, "rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            self.entries = json.loads(fh.read(size))
-        self.data_start = 8 + size
-
-    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
-        """Tensor `name` (or a range of its leading-axis rows) in a fresh numpy buffer."""
-        entry = self.entries[name]
-        start, end = entry["data_offsets"]
-        shape = list(entry["shape"])
-        if rows is not None:
-            row_bytes = (end - start) // max(shape[0], 1)
-            first, stop, _ = rows.indices(shape[0])
-            start, end = start + first * row_bytes, start + stop * row_bytes
-            shape[0] = stop - first
-        array = np.empty(shape, dtype=self.DTYPES[entry["dtype"]])
-        with open(self.file, "rb") as fh:
-            fh.seek(self.data_start + start)
-            if fh.readinto(memoryview(array.reshape(-1)).cast("B")) != end - start:
-                raise CheckpointError(f"{self.file}: {name} is truncated.")
-        return array
-
-
 #: Tensors larger than this are read and placed in row chunks of about this size.
 CHUNK_BYTES = 256 * 2**20
 
@@ -320,30 +274,32 @@ def _write_rows(buffer, rows, start):
     return jax.lax.dynamic_update_slice_in_dim(buffer, rows, start, axis=0)
 
 
-def _place(header: _SafetensorsHeader, name: str, cast) -> jax.Array:
-    """Read tensor `name` onto the default device. A large tensor goes in row chunks into a
-    donated buffer, so memory peaks at the weights plus one chunk, never two copies of it."""
-    entry = header.entries[name]
-    shape, nbytes = entry["shape"], entry["data_offsets"][1] - entry["data_offsets"][0]
+def _place(reader: st.SafetensorsFile, name: str, target: np.dtype) -> jax.Array:
+    """Read tensor `name` onto the default device, cast to `target`. A large tensor goes in
+    row chunks into a donated buffer, so memory peaks at the weights plus one chunk, never
+    two copies of it. Each read lands in its own fresh numpy buffer (no memory map stays
+    resident: going through `safe_open`'s map left every page read resident until the file
+    closed, a second copy of the weights at the end of a load)."""
+    info = reader.entries[name]
+    shape, nbytes = info.shape, info.end - info.start
     if nbytes <= CHUNK_BYTES or len(shape) == 0 or shape[0] < 2:
-        return jax.device_put(cast(header.read(name)))
+        return jax.device_put(st.cast(reader.read(name), target))
     rows = max(1, CHUNK_BYTES // (nbytes // shape[0]))
-    first = cast(header.read(name, slice(0, rows)))
+    first = st.cast(reader.read(name, slice(0, rows)), target)
     buffer = jnp.zeros(shape, first.dtype)
     for start in range(0, shape[0], rows):
-        chunk = first if start == 0 else cast(header.read(name, slice(start, start + rows)))
+        chunk = first if start == 0 else st.cast(reader.read(name, slice(start, start + rows)), target)
         buffer = _write_rows(buffer, jax.device_put(chunk), start)
     return buffer
 
 
-def _read(header, file: Path, file_name: str, shape, cast, mesh, spec) -> jax.Array:
-    """One plain tensor, cast; with a mesh, each device reads only its own slice."""
+def _read(reader: st.SafetensorsFile, file_name: str, target: np.dtype, mesh, spec) -> jax.Array:
+    """One plain tensor, cast to `target`; with a mesh, each device reads only its own slice."""
     if mesh is None:
-        return _place(header, file_name, cast)
+        return _place(reader, file_name, target)
+    shape = reader.entries[file_name].shape
     sharding = jax.sharding.NamedSharding(mesh, spec)
-    with safetensors.safe_open(file, framework="numpy") as f:
-        tensor = f.get_slice(file_name)
-        return jax.make_array_from_callback(tuple(shape), sharding, lambda index: cast(tensor[index]))
+    return jax.make_array_from_callback(shape, sharding, lambda index: st.cast(reader.read(file_name, index), target))
 
 
 # -- saving -------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint
+from . import __version__, checkpoint
 from .default import DEFAULT_MODEL
 from .tokenizer import load_tokenizer
 
@@ -56,7 +56,24 @@ def cmd_generate(args) -> int:
     if not args.no_bos and bos is not None and (not ids or ids[0] != bos):
         ids = [bos, *ids]
     if not ids:
+        if bos is not None:
+            return _fail(
+                f"the prompt is empty and --no-bos leaves nothing to start from (without --no-bos it starts from BOS, id {bos})."
+            )
         return _fail("the prompt is empty and the model has no BOS token to start from.")
+    # Every check of the request before a character is printed, so an error stands alone.
+    from .generation import check_request
+
+    sampling = args.temperature > 0
+    check_request(
+        model,
+        np.ones((1, len(ids)), bool),
+        args.max_new_tokens,
+        sampling,
+        args.temperature if sampling else 1.0,
+        args.top_k,
+        args.top_p,
+    )
 
     eos = set(model.generation_config.eos_token_id or ()) if model.generation_config else set()
     produced: list[int] = []
@@ -196,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="MODEL is a local Hugging Face folder or a hub repo id (honours HF_HUB_OFFLINE and the hub cache); "
         f"omitted, it is the embedded default model ({DEFAULT_MODEL}).",
     )
+    parser.add_argument("--version", action="version", version=f"eqxlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser(
@@ -303,14 +321,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_generate_args(args) -> str | None:
+    """What the API would refuse, refused on the command line before anything runs."""
+    if args.max_new_tokens < 1:
+        return f"--max-new-tokens must be >= 1, got {args.max_new_tokens}."
+    if not args.temperature >= 0:  # NaN too
+        return f"--temperature must be >= 0 (0 = greedy), got {args.temperature}."
+    if args.top_k < 0:
+        return f"--top-k must be >= 0 (0 = off), got {args.top_k}."
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        return f"--top-p must be in (0, 1], got {args.top_p}."
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "generate":
+        problem = _check_generate_args(args)
+        if problem:
+            return _fail(problem)
     if getattr(args, "top_k", None) == 0:
         args.top_k = None
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as e:  # CheckpointError and ConfigError are ValueErrors
+    except (FileNotFoundError, ValueError, MemoryError) as e:  # CheckpointError and ConfigError are ValueErrors
         return _fail(str(e).replace("\n", " "))
     except KeyboardInterrupt:
         return 130

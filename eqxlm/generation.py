@@ -21,6 +21,7 @@ import numpy as np
 from jax.experimental import io_callback
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from ._inputs import as_mask, as_token_ids, check_length
 from ._typing import typecheck
 from .models import AbstractCausalLM, broadcast_cache
 
@@ -130,11 +131,42 @@ def _generate(
     return tokens
 
 
+def check_request(model, mask, max_new_tokens, do_sample, temperature, top_k, top_p, key=0) -> None:
+    """`generate`'s checks of a request, before anything compiles (the CLI runs them before
+    printing anything): `mask` is the `batch x seq` attention mask (bool numpy)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    rows_without_last = np.flatnonzero(~mask[:, -1])
+    if rows_without_last.size:
+        row = int(rows_without_last[0])
+        what = "has no real token" if not mask[row].any() else "ends with padding (right-padded)"
+        raise ValueError(
+            f"attention_mask: row {row} {what}. generate continues each row from its last position, so pad "
+            "on the left (tokenizers: padding_side='left'); an empty prompt needs at least a BOS token."
+        )
+    longest = int(mask.sum(axis=1).max())
+    check_length(model.config, longest + max_new_tokens, f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens})")
+    if do_sample:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (use do_sample=False for greedy).")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}.")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}.")
+        if key is None:
+            raise ValueError("sampling needs a key: generate(..., do_sample=True, key=jax.random.key(seed)).")
+
+
 @typecheck
 def generate(
     model: AbstractCausalLM,
-    input_ids: Int[Array, "batch seq"] | Int[np.ndarray, "batch seq"],
-    attention_mask: Int[Array, "batch seq"] | Bool[Array, "batch seq"] | Int[np.ndarray, "batch seq"] | None = None,
+    input_ids: Int[Array, "batch seq"] | Int[np.ndarray, "batch seq"] | list,
+    attention_mask: Int[Array, "batch seq"]
+    | Bool[Array, "batch seq"]
+    | Int[np.ndarray, "batch seq"]
+    | Bool[np.ndarray, "batch seq"]
+    | list
+    | None = None,
     *,
     max_new_tokens: int = 64,
     do_sample: bool = False,
@@ -152,8 +184,10 @@ def generate(
     **Arguments:**
     - `model`: any causal LM implementing `eqxlm.models.AbstractCausalLM` (`from_pretrained`,
       `eqxlm.DecoderLM(config, key=...)`, or a model of your own).
-    - `input_ids`: prompts, ragged ones **left**-padded; `attention_mask` 1 = real token
-      (default: all real).
+    - `input_ids`: prompts, `batch x seq` (one prompt: `ids[None]`), ragged ones
+      **left**-padded; a jax or numpy array, or lists of ints. `attention_mask` 1 = real
+      token (default: all real); every row must end with a real token (right padding is
+      refused: each row continues from its last position).
     - `max_new_tokens`: tokens to add to every row.
     - `do_sample`: greedy (`False`) or sampling with `temperature` (> 0), `top_k`
       (None = off) and `top_p` (None = off), drawn with `key` (required when sampling;
@@ -170,28 +204,18 @@ def generate(
     **Returns:** `batch x (seq + max_new_tokens)`: the prompts as given, then the new tokens.
 
     Raises `ValueError` before compiling anything when the request cannot fit the model
-    (`seq + max_new_tokens > max_position_embeddings`) or a setting is invalid.
+    (longest prompt's real tokens + `max_new_tokens` > `max_position_embeddings`), a row is
+    right-padded, or a setting is invalid; for a model without a position limit (BLOOM),
+    warns once when the request runs past the length it was trained on (when its config
+    says). Ids that are not integers or not `batch x seq` raise a short `TypeError`.
     """
-    input_ids = np.asarray(input_ids, np.int32)  # host-side bookkeeping: nothing here compiles
+    # Host-side bookkeeping: nothing here compiles.
+    input_ids = np.asarray(as_token_ids(input_ids, "input_ids", ndim=2))
     batch, seq = input_ids.shape
-    mask = np.ones((batch, seq), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and seq + max_new_tokens > limit:
-        raise ValueError(
-            f"prompt length ({seq}) + max_new_tokens ({max_new_tokens}) = {seq + max_new_tokens} exceeds the "
-            f"model's max_position_embeddings ({limit})."
-        )
-    if do_sample:
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (use do_sample=False for greedy).")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k}.")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}.")
-        if key is None:
-            raise ValueError("sampling needs a key: generate(..., do_sample=True, key=jax.random.key(seed)).")
+    if seq == 0:
+        raise ValueError("input_ids: every prompt needs at least one token (a BOS token for an empty prompt).")
+    mask = np.ones((batch, seq), bool) if attention_mask is None else np.asarray(as_mask(attention_mask, (batch, seq)))
+    check_request(model, mask, max_new_tokens, do_sample, temperature, top_k, top_p, key)
     key = jax.random.key(0) if key is None else key
     generation = model.generation_config
     if eos_token_id is None:

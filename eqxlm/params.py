@@ -234,6 +234,11 @@ DEFAULT_RULES: tuple[tuple[str, tuple], ...] = (
     (r"(embed_tokens|lm_head)\.weight$", ("tensor", "fsdp")),
     (r"lm_head\.bias$", ("tensor",)),
     (r"embed_positions\.weight$", (None, "fsdp")),
+    # mixture of experts: a rule with one more axis than the per-expert tensor names the
+    # stacked experts axis first (expert parallelism: each device holds whole experts);
+    # the router and the shared expert's gate are replicated
+    (r"experts\.\d+\.(gate_proj|up_proj|down_proj)\.weight$", ("tensor", None, "fsdp")),
+    (r"(^|\.)(gate|shared_expert_gate)\.weight$", (None, None)),
     # column-parallel projections: (out = heads x head_dim | intermediate, in = hidden)
     (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$", ("tensor", "fsdp")),
     (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.bias$", ("tensor",)),
@@ -249,13 +254,26 @@ class ShardingError(ValueError):
     """A rule that cannot apply: the message names the parameter, dimension and mesh axis."""
 
 
-def partition_spec(name: str, shape: tuple[int, ...], mesh, rules, stacked: int = 0) -> P:
+def partition_spec(name: str, shape: tuple[int, ...], mesh, rules, stacked: int = 0, stacked_shape: tuple[int, ...] = ()) -> P:
     """The `PartitionSpec` of parameter `name` (per-layer `shape`) under `rules`, with
-    `stacked` leading stacked axes left unsplit."""
+    `stacked` leading stacked axes left unsplit, except that a rule with one axis more than
+    `shape` splits the innermost stacked axis (the experts axis; sizes `stacked_shape`)
+    over its first mesh axis. Without stacked axes that first axis is dropped."""
     match = next(((pattern, axes) for pattern, axes in rules if re.search(pattern, name)), None)
     if match is None:
         raise ShardingError(f"{name}: no partition rule matches this parameter (add one to `rules`).")
     pattern, axes = match
+    lead = [None] * stacked
+    if len(axes) == len(shape) + 1:
+        inner, axes = axes[0], axes[1:]
+        if stacked and inner is not None and inner in mesh.shape:
+            size = stacked_shape[-1] if stacked_shape else None
+            if size is not None and size % mesh.shape[inner]:
+                raise ShardingError(
+                    f"{name}: the stacked experts axis (size {size}) is not divisible by mesh axis {inner!r} "
+                    f"(size {mesh.shape[inner]}); change the mesh or the rule {pattern!r}."
+                )
+            lead[-1] = inner
     if len(axes) != len(shape):
         raise ShardingError(f"{name}: rule {pattern!r} names {len(axes)} dimensions, the parameter has {len(shape)}.")
     spec = []
@@ -269,14 +287,20 @@ def partition_spec(name: str, shape: tuple[int, ...], mesh, rules, stacked: int 
                 f"(size {mesh.shape[axis]}); change the mesh or the rule {pattern!r}."
             )
         spec.append(axis)
-    return P(*([None] * stacked), *spec)
+    if any(a is not None and a in lead for a in spec):  # one mesh axis splits one dimension
+        spec = [None if a in lead else a for a in spec]
+    return P(*lead, *spec)
 
 
 def leaf_specs(model, mesh, rules) -> dict[int, P]:
     """The `PartitionSpec` of every parameter leaf, by leaf number (a stacked leaf takes the
     spec of its first layer, its stacked axes unsplit)."""
     specs: dict[int, P] = {}
+    leaves = jax.tree_util.tree_leaves(model)
     for ref in param_refs(model):
         if ref.leaf not in specs:
-            specs[ref.leaf] = partition_spec(ref.name, ref.shape, mesh, rules, stacked=len(ref.index))
+            stacked_shape = tuple(leaves[ref.leaf].shape[: len(ref.index)])
+            specs[ref.leaf] = partition_spec(
+                ref.name, ref.shape, mesh, rules, stacked=len(ref.index), stacked_shape=stacked_shape
+            )
     return specs

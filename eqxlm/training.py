@@ -54,6 +54,28 @@ def batch_loss(model, input_ids: Int[Array, "batch seq"], loss_mask: Bool[Array,
     return jnp.sum(total) / jnp.maximum(jnp.sum(count), 1.0)
 
 
+@typecheck
+def load_balancing_loss(
+    router_logits: Float[Array, "layers batch seq experts"],
+    top_k: int,
+    attention_mask: Int[Array, "batch seq"] | Bool[Array, "batch seq"] | None = None,
+) -> Float[Array, ""]:
+    """The mixture-of-experts load-balancing loss (Switch Transformer eqs. 4-6), as
+    transformers' `load_balancing_loss_func` computes it: over every layer's router logits
+    and every real token (`attention_mask`), `E * sum_e f_e * P_e` with `f_e` the fraction of
+    top-k assignments to expert `e` and `P_e` its mean softmax probability. Add
+    `config.router_aux_loss_coef *` this to the language-model loss (transformers' total
+    with `output_router_logits=True`). Router logits per layer: `SparseMoE.router`."""
+    n_experts = router_logits.shape[-1]
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    _, selected = jax.lax.top_k(probs, top_k)
+    mask = jnp.ones(router_logits.shape[1:3], jnp.float32) if attention_mask is None else attention_mask.astype(jnp.float32)
+    counts = jnp.sum(jax.nn.one_hot(selected, n_experts, dtype=jnp.float32) * mask[None, :, :, None, None], axis=(0, 1, 2, 3))
+    prob_sums = jnp.sum(probs * mask[None, :, :, None], axis=(0, 1, 2))
+    rows = router_logits.shape[0] * jnp.sum(mask)
+    return jnp.sum((counts / rows) * (prob_sums / rows)) * n_experts
+
+
 def make_optimizer(
     learning_rate: float = 1e-3,
     *,

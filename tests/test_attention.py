@@ -173,3 +173,51 @@ def test_attention_weights_are_returned_per_head_only_when_asked():
     assert weights.shape == (2, 3, 3)
     np.testing.assert_allclose(np.asarray(weights.sum(-1)), 1.0, atol=1e-6)
     assert attn(jnp.ones((3, 16)), frame)[1] is None
+
+
+def test_per_head_weighted_qk_norm_and_interleaved_rotary_match_cohere_attention():
+    """`qk_norm="head_weights"`: a bias-free LayerNorm per head with each head's own weight,
+    stored `(heads, head_dim)`, as `CohereLayerNorm((heads, head_dim))`; with interleaved rotary."""
+    import transformers
+    from transformers.models.cohere.modeling_cohere import CohereAttention, CohereLayerNorm, CohereRotaryEmbedding
+
+    from eqxlm.nn import LayerNorm
+
+    config = transformers.CohereConfig(
+        hidden_size=32, num_attention_heads=4, num_key_value_heads=2, use_qk_norm=True, layer_norm_eps=1e-5
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    ref = CohereAttention(config, layer_idx=0).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
+    ours = Attention(
+        32, 4, 2, 8,
+        position_scheme=RotaryEmbedding(8, config.rope_parameters["rope_theta"], interleaved=True),
+        qk_norm="head_weights",
+        make_norm=lambda size: LayerNorm(size, 1e-5, use_bias=False),
+        key=jax.random.key(0),
+    )  # fmt: skip
+    ours = copy_from_torch(ours, ref)
+    assert ours.q_norm.weight.shape == (4, 8) and ours.k_norm.weight.shape == (2, 8)
+    x = _randn(7, 32)
+    # the norm alone, per head, at the parts' tolerance
+    q = torch.tensor(x) @ ref.q_proj.weight.T
+    want_q = CohereLayerNorm((4, 8), eps=1e-5)
+    with torch.no_grad():
+        want_q.weight.copy_(ref.q_norm.weight)
+        want_q = want_q(q.view(7, 4, 8)).numpy()
+    got_q = ours._project(ours.q_proj, ours.q_norm, jnp.asarray(x), 4)
+    np.testing.assert_allclose(np.asarray(got_q), want_q, atol=PART_ATOL, rtol=0)
+    # the whole module
+    valid = np.ones(7, bool)
+    positions = np.arange(7)
+    slots = jnp.arange(7, dtype=jnp.int32)
+    mask = np.asarray(attention_mask(slots, slots, jnp.asarray(valid), None))
+    cos, sin = CohereRotaryEmbedding(config)(torch.tensor(x), torch.tensor(positions)[None])
+    with torch.no_grad():
+        want, _ = ref(torch.tensor(x)[None], position_embeddings=(cos, sin), attention_mask=additive_mask(mask))
+    (frame,), _ = attention_frames((None,), jnp.asarray(positions, jnp.int32), jnp.asarray(valid))
+    got, _, _ = ours(jnp.asarray(x), frame)
+    np.testing.assert_allclose(np.asarray(got), want[0].numpy(), atol=LAYER_ATOL, rtol=0)

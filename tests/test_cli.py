@@ -15,7 +15,11 @@ TEXT = ["the return statement leaves a function", "a list is a mutable sequence"
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cli")
+    return make_cli_checkpoint(tmp_path_factory.mktemp("cli"))
+
+
+def make_cli_checkpoint(path):
+    """A tiny Mistral with a BPE tokenizer trained on `TEXT` (BOS = EOS = id 0)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -2,6 +2,7 @@
 tokens on the shipped folder, and the training script that built it is deterministic."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -65,7 +66,8 @@ def test_cli_default_model_streams_text():
 
 def _script(tmp_path, name, *extra):
     cmd = [sys.executable, str(REPO / "scripts" / "train_default_model.py"), "--out", str(tmp_path / name), *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)  # this checkout's eqxlm
     assert out.returncode == 0, out.stderr
     return json.loads((tmp_path / name / "training_log.json").read_text())
 

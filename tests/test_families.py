@@ -13,6 +13,7 @@ plus the scanned layout: logits equal to the unrolled model within 1e-6 and the 
 tokens.
 """
 
+import copy
 import json
 import os
 import subprocess
@@ -131,6 +132,22 @@ def test_export_loads_in_transformers_and_round_trips_bitwise(rich, tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     ids = np.random.default_rng(4).integers(0, _vocab(ref), size=(1, 10))
     np.testing.assert_array_equal(run_hf(reloaded, ids).logits.numpy(), run_hf(ref, ids).logits.numpy())
+
+
+def test_bfloat16_checkpoint_loads(rich, tmp_path):
+    """A checkpoint stored in bfloat16 by transformers loads: by default as bfloat16 (the
+    config's dtype), and as float32 with transformers' float32 logits on the upcast weights
+    (1e-4)."""
+    _, ref, _, _ = rich
+    folder = tmp_path / "bf16"
+    copy.deepcopy(ref).to(torch.bfloat16).save_pretrained(folder)
+    upcast = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    as_stored = eqxlm.from_pretrained(folder)
+    assert {x.dtype for x in jax.tree.leaves(eqx.filter(as_stored, eqx.is_inexact_array))} == {jnp.dtype(jnp.bfloat16)}
+    ours = eqxlm.from_pretrained(folder, dtype=jnp.float32)
+    ids = np.random.default_rng(6).integers(0, _vocab(ref), size=(1, 12))
+    want = run_hf(upcast, ids).logits[0].numpy()
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(ids[0], jnp.int32)).logits), want, atol=LOGITS_ATOL, rtol=0)
 
 
 def test_scanned_layers_equal_unrolled(rich):

@@ -68,3 +68,118 @@ def test_unsupported_rope_types_are_rejected_by_name(rope_type):
     raw = {"model_type": "llama", "rope_scaling": {"type": rope_type, "factor": 2.0}}
     with pytest.raises(ConfigError, match=rope_type):
         LlamaConfig.from_hf(raw)
+
+
+def _phi3_longrope(head_dim=16, partial=0.5, orig=8, factor=None, attention_factor=None):
+    import transformers
+
+    dim = int(head_dim * partial)
+    rng = np.random.default_rng(7)
+    params = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": partial,
+        "short_factor": [float(v) for v in 1.0 + rng.random(dim // 2)],
+        "long_factor": [float(v) for v in 2.0 + 4.0 * rng.random(dim // 2)],
+    }
+    if factor is not None:
+        params["factor"] = factor
+    if attention_factor is not None:
+        params["attention_factor"] = attention_factor
+    config = transformers.Phi3Config(
+        hidden_size=head_dim * 4,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        original_max_position_embeddings=orig,
+        rope_parameters=params,
+    )
+    scaling = {k: v for k, v in config.rope_parameters.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    scaling.setdefault("factor", 256 / orig)  # what the phi3 family derives from max_position_embeddings
+    return config, dim, RopeScaling(**scaling)
+
+
+@pytest.mark.parametrize("factor,attention_factor", [(None, None), (3.0, None), (None, 1.5)])
+def test_longrope_frequencies_and_attention_factor_match_hf(factor, attention_factor):
+    from eqxlm.nn._rotary import rope_attention_factor
+
+    config, dim, scaling = _phi3_longrope(factor=factor, attention_factor=attention_factor)
+    short, want_factor = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu")
+    long, _ = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu", seq_len=config.original_max_position_embeddings + 1)
+    np.testing.assert_allclose(rope_inverse_frequencies(dim, 10000.0, scaling), short.numpy(), rtol=1e-6, atol=0)
+    np.testing.assert_allclose(rope_inverse_frequencies(dim, 10000.0, scaling, long=True), long.numpy(), rtol=1e-6, atol=0)
+    assert not np.allclose(short.numpy(), long.numpy())
+    assert rope_attention_factor(scaling) == pytest.approx(want_factor, rel=1e-12) and want_factor != 1.0
+
+
+@pytest.mark.parametrize("positions", [[0, 1, 2, 3, 4, 5, 6, 7], [0, 0, 1, 2, 3, 4, 5, 8], [9], [0, 0, 0]])
+def test_longrope_cos_sin_pick_short_or_long_per_call_as_phi3(positions):
+    """One choice per call: long factors iff max(position) + 1 > original_max_position_embeddings
+    (8 here), scaled by the attention factor, as `Phi3RotaryEmbedding` with `dynamic_rope_update`."""
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    config, dim, scaling = _phi3_longrope()
+    ref = Phi3RotaryEmbedding(config)
+    x = torch.zeros(1, len(positions), 4)
+    cos, sin = ref(x, torch.tensor(positions)[None])
+    rope = RotaryEmbedding(16, 10000.0, scaling, rotary_dim=dim)
+    got_cos, got_sin = rope.cos_sin(jnp.asarray(positions, jnp.int32))
+    np.testing.assert_allclose(np.asarray(got_cos), cos[0].numpy(), atol=PART_ATOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(got_sin), sin[0].numpy(), atol=PART_ATOL, rtol=0)
+
+
+def test_longrope_without_factors_or_attention_factor_is_refused_by_name():
+    with pytest.raises(ValueError, match="longrope.*short_factor"):
+        RopeScaling(rope_type="longrope", long_factor=[1.0], original_max_position_embeddings=4)
+    scaling = RopeScaling("longrope", None, short_factor=[1.0] * 4, long_factor=[1.0] * 4, original_max_position_embeddings=4)
+    with pytest.raises(ValueError, match="longrope.*factor"):
+        RotaryEmbedding(8, 10000.0, scaling)
+    short = RopeScaling("longrope", 2.0, short_factor=[1.0] * 3, long_factor=[1.0] * 4, original_max_position_embeddings=4)
+    with pytest.raises(ValueError, match="short_factor has 3 entries, expected 4"):
+        RotaryEmbedding(8, 10000.0, short)
+
+
+def test_interleaved_rotary_matches_cohere():
+    """`interleaved=True` rotates pairs (x[2i], x[2i+1]) as Cohere's `rotate_half` /
+    `apply_rotary_pos_emb` with `repeat_interleave`d frequencies."""
+    import transformers
+    from transformers.models.cohere.modeling_cohere import CohereRotaryEmbedding
+    from transformers.models.cohere.modeling_cohere import apply_rotary_pos_emb as cohere_apply
+
+    rope = {"rope_type": "default", "rope_theta": 1e4}
+    config = transformers.CohereConfig(hidden_size=64, num_attention_heads=4, rope_parameters=rope)
+    rng = np.random.default_rng(1)
+    q = rng.normal(size=(6, 4, 16)).astype(np.float32)
+    positions = np.array([0, 0, 1, 2, 3, 200])
+    cos, sin = CohereRotaryEmbedding(config)(torch.tensor(q), torch.tensor(positions)[None])
+    qt = torch.tensor(q).transpose(0, 1)[None]
+    want, _ = cohere_apply(qt, qt, cos, sin)
+    got = RotaryEmbedding(16, 1e4, interleaved=True)(jnp.asarray(q), jnp.asarray(positions, jnp.int32))
+    np.testing.assert_allclose(np.asarray(got), want[0].transpose(0, 1).numpy(), atol=PART_ATOL * 10, rtol=0)
+
+
+def test_longrope_cached_call_crossing_the_switch_point_is_refused_by_name():
+    """transformers re-encodes the whole sequence with long_factor when generation crosses
+    original_max_position_embeddings; cached keys rotated with short_factor cannot be reused, so
+    such a cached call is an error. Calls on one side of the switch point are cached normally."""
+    import jax
+
+    import eqxlm
+
+    scaling = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0, 2.0], "long_factor": [3.0, 5.0]}
+    config = eqxlm.models.lookup("phi3")[0].from_hf(
+        {
+            "model_type": "phi3", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 24,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "max_position_embeddings": 64,
+            "original_max_position_embeddings": 6, "rope_parameters": scaling,
+        }
+    )  # fmt: skip
+    model = eqxlm.DecoderLM(config, key=jax.random.key(0))
+    ids = jnp.arange(10, dtype=jnp.int32)
+    out = model(ids[:4], cache=model.init_cache(12))  # 4 tokens: short factors
+    out = model(ids[4:6], cache=out.cache)  # 6 tokens: still short
+    with pytest.raises(Exception, match="longrope"):
+        model(ids[6:7], cache=out.cache)  # the 7th token would switch to long factors
+    long = model(ids[:8], cache=model.init_cache(12))  # prefilled past the switch: long from the start
+    step = model(ids[8:9], cache=long.cache)
+    full = model(ids[:9]).logits
+    np.testing.assert_allclose(np.asarray(step.logits[0]), np.asarray(full[8]), atol=1e-5, rtol=0)

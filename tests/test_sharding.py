@@ -19,6 +19,8 @@ CASES = [f"{a}-{m}" for a in ("llama", "mistral", "bloom", "llama-scanned") for 
 def measured(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharding") / "results.json"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    # The worker imports this checkout's eqxlm, not whichever one is installed.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
     worker = Path(__file__).with_name("sharding_worker.py")
     run = subprocess.run([sys.executable, str(worker), str(out)], env=env, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-4000:]

@@ -28,8 +28,10 @@ def test_wrong_rank_names_argument(jit):
     call = eqx.filter_jit(norm) if jit else norm
     with pytest.raises(TypeCheckError) as info:
         call(jnp.ones((3, 8)))
-    message = str(info.value)
-    assert "parameter 'x'" in message and "hidden" in message
+    assert str(info.value) == (
+        "eqxlm.nn._norm.RMSNorm.__call__: parameter 'x' expected Float[Array, 'hidden'], got float32[3,8].\n"
+        "This takes one example; for a batch, map it with `jax.vmap`."
+    )
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "filter_jit"])
@@ -38,15 +40,22 @@ def test_inconsistent_named_dim_across_arguments(jit):
     call = eqx.filter_jit(rope) if jit else rope
     with pytest.raises(TypeCheckError) as info:
         call(jnp.ones((5, 2, 8)), jnp.arange(4, dtype=jnp.int32))  # seq 5 vs 4
-    message = str(info.value)
-    assert "parameter 'positions'" in message and "seq=5" in message
+    assert str(info.value) == (
+        "eqxlm.nn._rotary.RotaryEmbedding.__call__: parameter 'positions' expected Int[Array, 'seq'], got int32[4].\n"
+        "Dims bound: seq=5, heads=2, head_dim=8.\n"
+        "The rank and dtype are right: a dim disagrees with the dims bound above."
+    )
 
 
 def test_kv_heads_mismatch_between_key_and_value():
     q, k = jnp.ones((3, 4, 8)), jnp.ones((5, 2, 8))
     with pytest.raises(TypeCheckError) as info:
         dot_product_attention(q, k, jnp.ones((5, 1, 8)))
-    assert "value" in str(info.value) and "kv_heads" in str(info.value)
+    assert str(info.value).splitlines()[:2] == [
+        "eqxlm.nn._attention.dot_product_attention: parameter 'value' expected Float[Array, 'kv_seq kv_heads head_dim'], "
+        "got float32[5,1,8].",
+        "Dims bound: seq=3, heads=4, head_dim=8, kv_seq=5, kv_heads=2.",
+    ]
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "filter_jit"])
@@ -55,15 +64,32 @@ def test_float_token_ids_are_rejected(jit):
     call = eqx.filter_jit(model) if jit else model
     with pytest.raises(TypeCheckError) as info:
         call(jnp.ones(4, jnp.float32))
-    assert "input_ids" in str(info.value)
+    assert str(info.value) == (
+        "eqxlm.models.llama.LlamaForCausalLM.__call__: parameter 'input_ids' expected Int[Array, 'seq'], got float32[4].\n"
+        "The dtype is wrong: expected Int, got float32. Token ids are integers: `jnp.asarray(input_ids, jnp.int32)`."
+    )
 
 
 def test_batched_ids_tell_you_to_vmap():
     model = _tiny()
     with pytest.raises(TypeCheckError) as info:
         model(jnp.ones((2, 4), jnp.int32))
-    assert "input_ids" in str(info.value) and "seq" in str(info.value)
+    assert str(info.value) == (
+        "eqxlm.models.llama.LlamaForCausalLM.__call__: parameter 'input_ids' expected Int[Array, 'seq'], got int32[2,4].\n"
+        "This takes one example; for a batch, map it with `jax.vmap`."
+    )
     assert jax.vmap(model)(jnp.ones((2, 4), jnp.int32)).logits.shape == (2, 4, 32)
+
+
+def test_a_model_is_never_printed():
+    """A wrong pytree argument is summarised by its type, not its repr."""
+    model = _tiny()
+    with pytest.raises(TypeCheckError) as info:
+        eqxlm.generate(model.model, jnp.ones((1, 4), jnp.int32))
+    assert str(info.value) == (
+        "eqxlm.generation.generate: parameter 'model' expected BloomForCausalLM | LlamaForCausalLM | MistralForCausalLM, "
+        "got LlamaModel."
+    )
 
 
 def test_switch_turns_checks_off():

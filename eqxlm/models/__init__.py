@@ -10,12 +10,24 @@ The registry, one line per family (importing a family file registers it):
 """
 
 from . import bloom as bloom
+from . import cohere as cohere
 from . import gemma as gemma
+from . import gemma2 as gemma2
 from . import gpt2 as gpt2
 from . import gpt_neox as gpt_neox
+from . import granite as granite
 from . import llama as llama
 from . import mistral as mistral
+from . import mixtral as mixtral
+from . import olmo2 as olmo2
+from . import olmoe as olmoe
+from . import phi as phi
+from . import phi3 as phi3
 from . import qwen2 as qwen2
+from . import qwen2_moe as qwen2_moe
+from . import qwen3 as qwen3
+from . import qwen3_moe as qwen3_moe
+from . import starcoder2 as starcoder2
 from ._builder import Decoder, DecoderLM, DecoderSpec, NormSpec, RopeSpec
 from ._config import BaseConfig, ConfigError
 from ._contract import AbstractCausalLM, CausalLMOutput, GenerationConfig, ModelOutput, broadcast_cache

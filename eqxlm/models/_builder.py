@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from .._memory import check_constructor
 from .._typing import typecheck
 from ..nn import (
     ACTIVATIONS,
@@ -32,11 +33,13 @@ from ..nn import (
     RopeScaling,
     RotaryEmbedding,
     SlotTable,
+    SparseMoE,
     attention_frames,
     regroup,
     run_layers,
 )
 from ..nn._linear import make_linear
+from ..nn._rotary import longrope_uses_long
 from ._contract import AbstractCausalLM, GenerationConfig, ModelOutput
 
 
@@ -75,6 +78,25 @@ class RopeSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoESpec:
+    """A sparse mixture-of-experts MLP (see [`eqxlm.nn.SparseMoE`][]): `num_experts`,
+    `top_k`, each expert's `intermediate_size`, `normalize` (renormalise the top-k routing
+    weights), `shared_intermediate_size` (a shared expert with a sigmoid gate, or None), and
+    `sparse_layers` (per layer: True = experts, False = the dense MLP of the spec's
+    `intermediate_size`; None = every layer sparse)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    normalize: bool = True
+    shared_intermediate_size: int | None = None
+    sparse_layers: tuple[bool, ...] | None = None
+
+    def is_sparse(self, i: int) -> bool:
+        return self.sparse_layers is None or self.sparse_layers[i]
+
+
+@dataclasses.dataclass(frozen=True)
 class DecoderSpec:
     """Every choice that distinguishes a Llama-like family. Defaults are Llama's.
 
@@ -91,8 +113,13 @@ class DecoderSpec:
     Attention: `positions` (`"rope"`, `"alibi"` or None) with `rope`, and `local_rope` for
     sliding layers (Gemma 3); `qkv_bias`, `o_bias`; `query_scale` (None = `head_dim**-0.5`; a tuple gives one per layer);
     `attn_logit_softcap`; `layer_windows` (per layer: None = full causal, or a window).
-    MLP: `mlp` (`"gated"` or `"plain"`), `activation` (an `hidden_act` name), `mlp_bias`.
-    Head: `tie_word_embeddings`, `lm_head_bias`, `final_logit_softcap`, `logit_scale`.
+    MLP: `mlp` (`"gated"` or `"plain"`), `activation` (an `hidden_act` name), `mlp_bias`;
+    `moe` (a [`MoESpec`][]: mixture-of-experts layers) or None.
+    Head: `tie_word_embeddings`, `lm_head_bias`, `final_logit_softcap`, `logit_scale`
+    (multiplied: Cohere), `logit_divisor` (divided: Granite's `logits_scaling`, as
+    transformers divides; `x / d` and `x * (1 / d)` differ in the last bit).
+    `qk_norm="head_weights"` is a per-head norm with its own weights per head, stored
+    `(heads, head_dim)` (Cohere's `use_qk_norm`).
     """
 
     vocab_size: int
@@ -129,7 +156,9 @@ class DecoderSpec:
     lm_head_bias: bool = False
     final_logit_softcap: float | None = None
     logit_scale: float | None = None
+    logit_divisor: float | None = None
     initializer_range: float = 0.02
+    moe: MoESpec | None = None
 
     def __post_init__(self):
         if len(self.layer_windows) != self.num_layers:
@@ -143,6 +172,10 @@ class DecoderSpec:
             raise ValueError(f"DecoderSpec: norms must be 'pre', 'sandwich' or 'post', got {self.norms!r}.")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"DecoderSpec: num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads}).")
+        if self.positions == "rope":  # rope settings the part refuses (longrope factor lengths, ...) fail here, by name
+            for rope in (self.rope, self.local_rope):
+                if rope is not None:
+                    rope.make(self.head_dim)
 
     @property
     def windows(self) -> tuple[int | None, ...]:
@@ -196,14 +229,28 @@ def make_layer(spec: DecoderSpec, i: int, dtype, key: PRNGKeyArray) -> DecoderLa
         key=k_attn,
     )
     mlp_cls = GatedMLP if spec.mlp == "gated" else MLP
-    mlp = mlp_cls(
-        spec.hidden_size,
-        spec.intermediate_size,
-        use_bias=spec.mlp_bias,
-        activation=ACTIVATIONS[spec.activation],
-        dtype=dtype,
-        key=k_mlp,
-    )
+    if spec.moe is not None and spec.moe.is_sparse(i):
+        moe = spec.moe
+        mlp = SparseMoE(
+            spec.hidden_size,
+            moe.intermediate_size,
+            moe.num_experts,
+            moe.top_k,
+            normalize=moe.normalize,
+            shared_intermediate_size=moe.shared_intermediate_size,
+            activation=ACTIVATIONS[spec.activation],
+            dtype=dtype,
+            key=k_mlp,
+        )
+    else:
+        mlp = mlp_cls(
+            spec.hidden_size,
+            spec.intermediate_size,
+            use_bias=spec.mlp_bias,
+            activation=ACTIVATIONS[spec.activation],
+            dtype=dtype,
+            key=k_mlp,
+        )
     norm = lambda: spec.norm.make(spec.hidden_size, dtype)  # noqa: E731
     pre = spec.norms in ("pre", "sandwich")
     post = spec.norms in ("sandwich", "post")
@@ -248,6 +295,27 @@ def embed(embedding: eqx.nn.Embedding, input_ids: Int[Array, " seq"], what: str 
     size = embedding.weight.shape[0]
     input_ids = eqx.error_if(input_ids, jnp.any((input_ids < 0) | (input_ids >= size)), f"{what} out of range [0, {size})")
     return embedding.weight[input_ids]
+
+
+def _refuse_longrope_switch(spec: DecoderSpec, positions, cache: Cache):
+    """A cached call that crosses `original_max_position_embeddings` under `longrope` is an
+    error: transformers then re-encodes the whole sequence with `long_factor`
+    (`Phi3ForCausalLM.prepare_inputs_for_generation` drops the cache), while the cached keys
+    here were rotated with `short_factor`. Prefill past the switch point instead."""
+    for rope in (spec.rope, spec.local_rope) if spec.positions == "rope" else ():
+        scaling = None if rope is None else rope.scaling
+        if scaling is None or scaling.rope_type != "longrope":
+            continue
+        before = cache.next_position
+        crossing = (before > 0) & (before <= scaling.original_max_position_embeddings) & longrope_uses_long(scaling, positions)
+        positions = eqx.error_if(
+            positions,
+            crossing,
+            "longrope: a cached call crossing original_max_position_embeddings "
+            f"({scaling.original_max_position_embeddings}) is refused (transformers re-encodes the whole sequence "
+            "with long_factor there); run the sequence past that length without the cache",
+        )
+    return positions
 
 
 class Decoder(eqx.Module):
@@ -296,6 +364,8 @@ class Decoder(eqx.Module):
         **Returns:** a [`ModelOutput`][]."""
         spec = self.spec
         valid, positions = resolve_positions(input_ids, attention_mask, positions, cache)
+        if cache is not None:
+            positions = _refuse_longrope_switch(spec, positions, cache)
         x = embed(self.embed_tokens, input_ids)
         if spec.embedding_scale is not None:  # a float32 scalar cast to the compute dtype, as transformers does
             x = x * jnp.asarray(spec.embedding_scale, jnp.float32).astype(x.dtype)
@@ -360,6 +430,7 @@ class DecoderLM(AbstractCausalLM):
         weights; `scan_layers` (stack the layers and run them with `jax.lax.scan`: compile
         time flat in depth; see the README for when it is faster); `generation_config`."""
         config.check_spec()
+        check_constructor(DecoderLM, config, key=key, dtype=dtype, scan_layers=scan_layers)  # fail at once if it cannot fit
         spec = config.decoder_spec()
         k_model, k_head = jax.random.split(key)
         self.model = Decoder(spec, key=k_model, dtype=dtype, scan_layers=scan_layers)
@@ -386,6 +457,8 @@ class DecoderLM(AbstractCausalLM):
             logits = jax.vmap(self.lm_head)(hidden)
         if spec.logit_scale is not None:
             logits = logits * jnp.asarray(spec.logit_scale, logits.dtype)
+        if spec.logit_divisor is not None:
+            logits = logits / jnp.asarray(spec.logit_divisor, logits.dtype)
         if spec.final_logit_softcap is not None:
             cap = jnp.asarray(spec.final_logit_softcap, logits.dtype)
             logits = jnp.tanh(logits / cap) * cap

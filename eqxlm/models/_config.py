@@ -8,8 +8,11 @@ dropout rates, fused-kernel switches of the original training code), or refused 
 """
 
 import dataclasses
+import functools
 import json
-from typing import Any, ClassVar
+import types
+import typing
+from typing import Any, ClassVar, Literal, Union
 
 from ..nn import RopeScaling
 
@@ -46,10 +49,90 @@ COMMON_IGNORED: dict[str, str] = {
 }
 
 
-def _eos_tuple(value) -> tuple[int, ...] | None:
-    if value is None:
+def _type_name(tp) -> str:
+    """An annotation as a reader writes it: `int`, `int | None`, `tuple[int, ...]`."""
+    if tp is type(None):
+        return "None"
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return str(tp).replace("typing.", "").replace("NoneType", "None")
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _mismatch(value, tp, name: str) -> str | None:
+    """Why `value` does not conform to annotation `tp` (None when it does). Python's own
+    rules, made strict where JSON makes mistakes likely: a bool is not an int, an int is
+    a float, a list is not a tuple (configs hold tuples so they stay hashable)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
         return None
-    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+    if origin in (Union, types.UnionType):
+        reasons = [_mismatch(value, member, name) for member in args]
+        if all(reasons):
+            nested = [r for r in reasons if r and not r.startswith(f"{name}: expected ")]
+            return nested[0] if len(nested) == 1 else f"{name}: expected {_type_name(tp)}, got {_describe(value)}"
+        return None
+    if origin is Literal:
+        return None if value in args else f"{name}: expected one of {', '.join(map(repr, args))}, got {_describe(value)}"
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return f"{name}: expected {_type_name(tp)}, got {_describe(value)}"
+        items = [(i, args[0]) for i in range(len(value))] if len(args) == 2 and args[1] is Ellipsis else list(enumerate(args))
+        if len(items) != len(value):
+            return f"{name}: expected {_type_name(tp)}, got {_describe(value)}"
+        for i, item_tp in items:
+            reason = _mismatch(value[i], item_tp, f"{name}[{i}]")
+            if reason:
+                return reason
+        return None
+    if origin is not None:  # dict[...], list[...]: the container type only
+        return None if isinstance(value, origin) else f"{name}: expected {_type_name(tp)}, got {_describe(value)}"
+    if tp is type(None):
+        ok = value is None
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(tp, type):
+        ok = isinstance(value, tp)
+    else:
+        return None  # an annotation this checker does not interpret
+    if not ok:
+        return f"{name}: expected {_type_name(tp)}, got {_describe(value)}"
+    if dataclasses.is_dataclass(value):
+        return _dataclass_mismatch(value, f"{name}.")
+    return None
+
+
+@functools.cache
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _dataclass_mismatch(obj, prefix: str = "") -> str | None:
+    for name, tp in _field_types(type(obj)).items():
+        reason = _mismatch(getattr(obj, name), tp, prefix + name)
+        if reason:
+            return reason
+    return None
+
+
+def check_field_types(obj) -> None:
+    """Check every field of dataclass `obj` (nested dataclasses included) against its
+    annotation; raise `ConfigError` naming the first field that does not conform, with the
+    expected type and the value found (`hidden_size: expected int, got str '192'.`)."""
+    reason = _dataclass_mismatch(obj)
+    if reason:
+        raise ConfigError(f"{reason}.")
+
+
+def _eos_tuple(value) -> tuple[int, ...] | None:
+    return tuple(value) if isinstance(value, list) else (value,)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,8 +157,14 @@ class BaseConfig:
     extra: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
-        if isinstance(self.eos_token_id, (int, list)):
-            object.__setattr__(self, "eos_token_id", _eos_tuple(self.eos_token_id))
+        eos = self.eos_token_id
+        if isinstance(eos, list) or (isinstance(eos, int) and not isinstance(eos, bool)):
+            object.__setattr__(self, "eos_token_id", _eos_tuple(eos))
+        for name, tp in _field_types(type(self)).items():  # JSON lists where the config holds tuples
+            value = getattr(self, name)
+            if isinstance(value, list) and "tuple" in str(tp):
+                object.__setattr__(self, name, tuple(value))
+        check_field_types(self)  # before any subclass check does arithmetic on a field
 
     def check_spec(self):
         """Build the family's spec once, so a choice eqxlm lacks is refused at construction."""
@@ -132,8 +221,6 @@ class BaseConfig:
                 "eqxlm refuses fields it does not implement rather than silently computing "
                 "something else."
             )
-        if "eos_token_id" in kwargs:
-            kwargs["eos_token_id"] = _eos_tuple(kwargs["eos_token_id"])
         config = cls(**kwargs, extra=tuple(sorted(extra)))
         config.check_spec()
         return config
@@ -158,14 +245,22 @@ def rope_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
     raw = dict(raw)
     params = raw.pop("rope_parameters", None) or {}
     scaling = raw.pop("rope_scaling", None) or {}
+    for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected an object (or null), got {type(value).__name__} {value!r:.40}.")
     merged = {**scaling, **params}
     theta = merged.pop("rope_theta", raw.get("rope_theta", 10000.0))
-    raw["rope_theta"] = float(theta)
+    # Floats as floats; a wrong-typed value is left for the config's type check to name.
+    raw["rope_theta"] = float(theta) if isinstance(theta, int) and not isinstance(theta, bool) else theta
     rope_type = merged.pop("rope_type", merged.pop("type", "default"))
+    if not isinstance(rope_type, str):
+        raise ConfigError(f"rope_scaling.rope_type: expected str, got {type(rope_type).__name__} {rope_type!r:.40}.")
     if rope_type == "default" and not {k for k in merged if k != "partial_rotary_factor"}:
         merged.pop("partial_rotary_factor", None)
         raw["rope_scaling"] = None
     else:
+        if rope_type == "longrope":  # a missing factor is derived from max_position_embeddings, never 1
+            merged.setdefault("factor", None)
         known = {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type"}
         unknown = sorted(set(merged) - known)
         if unknown:

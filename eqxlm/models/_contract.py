@@ -100,21 +100,46 @@ class AbstractCausalLM(eqx.Module):
 
         return DEFAULT_RULES
 
-    @typecheck
     def __call__(
         self,
-        input_ids: Int[Array, " seq"],
-        attention_mask: Int[Array, " seq"] | Bool[Array, " seq"] | None = None,
-        positions: Int[Array, " seq"] | None = None,
+        input_ids,
+        attention_mask=None,
+        positions=None,
         cache: Any = None,
         *,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
     ) -> CausalLMOutput:
-        """**Arguments:** `input_ids` (one sequence; `jax.vmap` for a batch); `attention_mask`
-        (1 = real token); `positions` (default: real tokens counted, continuing from `cache`);
-        `cache` (from `init_cache`); `output_hidden_states`, `output_attentions`.
+        """**Arguments:** `input_ids` (one sequence, `Int[Array, "seq"]`; a numpy array or a
+        list of ints is converted once; `jax.vmap` for a batch); `attention_mask` (1 = real
+        token); `positions` (default: real tokens counted, continuing from `cache`); `cache`
+        (from `init_cache`); `output_hidden_states`, `output_attentions`.
         **Returns:** a [`CausalLMOutput`][] with `logits` (`seq vocab`)."""
+        from .._inputs import as_mask, as_token_ids
+
+        input_ids = as_token_ids(input_ids, ndim=1)
+        if attention_mask is not None:
+            attention_mask = as_mask(attention_mask, tuple(input_ids.shape))
+        return self._forward(
+            input_ids,
+            attention_mask,
+            positions,
+            cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+
+    @typecheck
+    def _forward(
+        self,
+        input_ids: Int[Array, " seq"],
+        attention_mask: Bool[Array, " seq"] | None,
+        positions: Int[Array, " seq"] | None,
+        cache: Any,
+        *,
+        output_hidden_states: bool,
+        output_attentions: bool,
+    ) -> CausalLMOutput:
         out = self.base_model(
             input_ids,
             attention_mask,

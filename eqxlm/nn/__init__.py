@@ -13,6 +13,7 @@
 | `_attention.py` | `dot_product_attention`, `AttentionFrame`, `attention_frames`, `Attention` |
 | `_decoder.py` | `DecoderLayer` (sequential or parallel residual, any norm placement) |
 | `_stack.py` | `LayerStack` (scanned layers), `run_layers`, `plan_segments` |
+| `_moe.py` | `SparseMoE` (router, stacked experts, gather / grouped / dense dispatch), `route` |
 | `_linear.py` | `linear`, `make_linear` (around `eqx.nn.Linear`) |
 """
 
@@ -24,6 +25,7 @@ from ._kv_cache import Cache, CacheWrite, KVCache, SlotTable
 from ._linear import linear, make_linear
 from ._masks import attention_mask, causal_mask, padding_mask, sliding_window_mask
 from ._mlp import MLP, GatedMLP
+from ._moe import SparseMoE, route
 from ._norm import LayerNorm, RMSNorm
 from ._positions import AbstractPositionScheme
 from ._rotary import SUPPORTED_ROPE_TYPES, RopeScaling, RotaryEmbedding, rope_inverse_frequencies
@@ -48,6 +50,7 @@ __all__ = [
     "RotaryEmbedding",
     "SUPPORTED_ROPE_TYPES",
     "SlotTable",
+    "SparseMoE",
     "alibi_slopes",
     "attention_frames",
     "attention_mask",
@@ -65,6 +68,7 @@ __all__ = [
     "plan_segments",
     "regroup",
     "rope_inverse_frequencies",
+    "route",
     "run_layers",
     "sliding_window_mask",
 ]

@@ -139,8 +139,10 @@ class Attention(eqx.Module):
     - grouped-query attention when `num_kv_heads < num_heads` (multi-query at 1);
     - biases on q/k/v and on o separately (`qkv_bias`, `o_bias`: Qwen2 has the first only);
     - `position_scheme`: rotary, ALiBi, or None (learned positions live in the embeddings);
-    - `q_norm`/`k_norm`: a norm per head (`qk_norm="head"`: Qwen3, Gemma 3) or over the whole
-      projection (`"full"`: OLMo-2), applied before the rotation;
+    - `q_norm`/`k_norm`: a norm per head (`qk_norm="head"`: Qwen3, Gemma 3; one weight shared
+      by the heads), a norm per head with each head's own weight (`"head_weights"`: Cohere's
+      `use_qk_norm`, weights stored `(heads, head_dim)`), or over the whole projection
+      (`"full"`: OLMo-2), applied before the rotation;
     - `scale` (default `head_dim ** -0.5`) and `logit_softcap` (Gemma 2);
     - `sliding_window`: which attention kind (frame) the layer uses.
 
@@ -185,14 +187,14 @@ class Attention(eqx.Module):
         """**Arguments:** `hidden_size`; `num_heads`; `num_kv_heads` (default `num_heads`);
         `head_dim` (default `hidden_size // num_heads`); `qkv_bias`, `o_bias`;
         `position_scheme`; `sliding_window` (None = full causal); `scale`; `logit_softcap`;
-        `qk_norm` (None, `"head"` or `"full"`) with `make_norm(size)` building each norm;
+        `qk_norm` (None, `"head"`, `"head_weights"` or `"full"`) with `make_norm(size)` building each norm;
         `dtype`; `key`."""
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         head_dim = hidden_size // num_heads if head_dim is None else head_dim
         if num_heads % num_kv_heads:
             raise ValueError(f"Attention: num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads}).")
-        if qk_norm not in (None, "head", "full"):
-            raise ValueError(f"Attention: qk_norm must be None, 'head' or 'full', got {qk_norm!r}.")
+        if qk_norm not in (None, "head", "head_weights", "full"):
+            raise ValueError(f"Attention: qk_norm must be None, 'head', 'head_weights' or 'full', got {qk_norm!r}.")
         kq, kk, kv, ko = jax.random.split(key, 4)
         self.q_proj = make_linear(hidden_size, num_heads * head_dim, qkv_bias, dtype, kq)
         self.k_proj = make_linear(hidden_size, num_kv_heads * head_dim, qkv_bias, dtype, kk)
@@ -201,6 +203,10 @@ class Attention(eqx.Module):
         self.position_scheme = position_scheme
         if qk_norm is None:
             self.q_norm = self.k_norm = None
+        elif qk_norm == "head_weights":  # one norm per head: every array leaf stacked over the heads
+            stack = lambda norm, n: jax.tree.map(lambda a: jnp.tile(a[None], (n,) + (1,) * a.ndim), norm)  # noqa: E731
+            self.q_norm = stack(make_norm(head_dim), num_heads)
+            self.k_norm = stack(make_norm(head_dim), num_kv_heads)
         else:
             per_head = qk_norm == "head"
             self.q_norm = make_norm(head_dim if per_head else num_heads * head_dim)
@@ -220,6 +226,8 @@ class Attention(eqx.Module):
         y = y.reshape(x.shape[0], heads, self.head_dim)
         if self.qk_norm == "head":
             y = jax.vmap(jax.vmap(norm))(y)
+        elif self.qk_norm == "head_weights":
+            y = jax.vmap(jax.vmap(lambda n, t: n(t)), in_axes=(None, 0))(norm, y)
         return y
 
     @typecheck

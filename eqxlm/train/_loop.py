@@ -264,6 +264,17 @@ def _write_json(path: Path, data) -> None:
     tmp.replace(path)
 
 
+def _read_rows(path: Path) -> list[dict]:
+    """Metrics rows; a last line cut short by a killed process is dropped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
 def _gather(tree):
     """Every process gets full numpy copies of a tree of (possibly cross-process) arrays."""
     if jax.process_count() == 1:
@@ -396,15 +407,21 @@ def train(config: TrainConfig, *, trainable=eqx.is_array) -> Run:
         if restored.meta["step"] != start or batches.get_state()["next_index"] != start:
             raise TrainError(f"checkpoint {ckpt_dir / str(start)} is inconsistent: meta step {restored.meta['step']}.")
 
-    # 4. From here on the run folder is written.
+    metrics_path = out / "metrics.jsonl"
+    history: list[dict] = []
+    if metrics_path.exists():  # keep what the restored step had logged; drop what came after it
+        history = [r for r in _read_rows(metrics_path) if r["step"] <= start]
+
+    # 4. From here on the run folder is written, once every process has passed the checks
+    # (else a slower process would find the folder already written and refuse it).
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("eqxlm.train: checks passed")
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(saved_config_path, config.to_json())
         _write_json(meta_path, identity)
-    metrics_path = out / "metrics.jsonl"
-    history: list[dict] = []
-    if metrics_path.exists():  # keep what the restored step had logged; drop what came after it
-        history = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r["step"] <= start]
     if is_main:
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
     if manager is None:

@@ -1,0 +1,202 @@
+"""Sparse mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
+
+A router (`gate`, a bias-free linear map to one logit per expert) picks `top_k` experts per
+token; each token's output is the router-weighted sum of those experts' gated MLPs. The
+experts are stored **stacked**: one `GatedMLP` whose every array has a leading experts axis,
+so they shard along that axis and a layer of them scans like any other layer. Checkpoint
+names stay per expert (`mlp.experts.3.gate_proj.weight`): `eqxlm.params` names index `e`
+of the stacked axis `experts.{e}` because the class says `stacked_field = "experts"`.
+
+Routing (`MixtralTopKRouter`, `Qwen3MoeTopKRouter`, `OlmoeTopKRouter`, `Qwen2MoeTopKRouter`
+in transformers 5.23 all compute this): `softmax(logits in float32)`, top-k of the
+probabilities, optionally renormalised to sum to one (`normalize`: Mixtral always,
+the others when `norm_topk_prob`), then cast to the logits' dtype. Exact ties break toward
+the lower expert index (`jax.lax.top_k`). `torch.topk`'s order among exactly equal values on
+CPU is implementation-defined (of four equal values it picks experts 2 and 3), so an exact
+tie (e.g. an all-zero router) is the one case where the selection can differ from
+transformers'; distinct probabilities select the same experts in the same order.
+
+Three dispatch paths, chosen from static shapes, give the same numbers (up to the summation
+order inside a matrix product):
+
+- `"gather"` (decode: `tokens * top_k <= experts`): gather the selected experts' weights, so
+  a one-token step reads `top_k` of the experts;
+- `"grouped"` (prefill, training): sort the (token, expert) pairs by expert, lay each
+  expert's tokens out in blocks of `block_size` rows (a group padded to whole blocks), and
+  scan the blocks, each multiplied by its own expert's weights: about `tokens * top_k`
+  rows of work instead of `tokens * experts`, and no token dropped;
+- `"dense"`: every expert on every token (a reference for tests).
+
+The selected experts' outputs are summed per token in ascending expert index, starting from
+zeros, as transformers' expert loop with `index_add_` does.
+"""
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from .._typing import typecheck
+from ._linear import make_linear
+from ._mlp import GatedMLP
+
+DISPATCH = ("auto", "gather", "grouped", "dense")
+
+
+@typecheck
+def route(logits: Float[Array, "seq experts"], top_k: int, normalize: bool) -> tuple[Float[Array, "seq k"], Int[Array, "seq k"]]:
+    """The routing weights and selected experts from router `logits`: softmax in float32,
+    top-k (exact ties toward the lower index), renormalised when `normalize`, cast back to the
+    logits' dtype."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, index = jax.lax.top_k(probs, top_k)
+    if normalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights.astype(logits.dtype), index.astype(jnp.int32)
+
+
+def _expert_mlp(x, gate_w, up_w, down_w, activation):
+    """One gated MLP on rows `x` with weights in `(out, in)` layout."""
+    h = activation(x @ gate_w.T) * (x @ up_w.T)
+    return h @ down_w.T
+
+
+class SparseMoE(eqx.Module):
+    """A sparse mixture-of-experts feed-forward block over a whole sequence.
+
+    `gate`: router `Linear(hidden, num_experts)` without bias; `experts`: a `GatedMLP`
+    stacked over experts (leaves `(num_experts, ...)`); optional `shared_expert` (a
+    `GatedMLP` every token goes through) scaled by `sigmoid(shared_expert_gate(x))`
+    (Qwen2-MoE). `dispatch` is `"auto"` (gather for few tokens, grouped otherwise) or one
+    path forced: `"gather"`, `"grouped"`, `"dense"`.
+    """
+
+    gate: eqx.nn.Linear
+    experts: GatedMLP
+    shared_expert: GatedMLP | None
+    shared_expert_gate: eqx.nn.Linear | None
+    num_experts: int = eqx.field(static=True)
+    top_k: int = eqx.field(static=True)
+    normalize: bool = eqx.field(static=True)
+    dispatch: str = eqx.field(static=True, default="auto")
+    block_size: int = eqx.field(static=True, default=64)
+
+    stacked_field: ClassVar[str] = "experts"
+    sequence_wise: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        normalize: bool = True,
+        shared_intermediate_size: int | None = None,
+        activation: Callable = jax.nn.silu,
+        dispatch: str = "auto",
+        block_size: int = 64,
+        dtype=jnp.float32,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:** `hidden_size`; `intermediate_size` of each expert (HF
+        `moe_intermediate_size`, Mixtral `intermediate_size`); `num_experts`; `top_k`
+        (`num_experts_per_tok`); `normalize` (renormalise the top-k weights);
+        `shared_intermediate_size` (a shared expert with its sigmoid gate, or None);
+        `activation`; `dispatch`; `block_size` (rows per block of the grouped path);
+        `dtype`; `key`."""
+        if dispatch not in DISPATCH:
+            raise ValueError(f"SparseMoE: dispatch must be one of {DISPATCH}, got {dispatch!r}.")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"SparseMoE: top_k (num_experts_per_tok) must be in [1, {num_experts}], got {top_k}.")
+        k_gate, k_experts, k_shared, k_sgate = jax.random.split(key, 4)
+        self.gate = make_linear(hidden_size, num_experts, False, dtype, k_gate)
+        self.experts = eqx.filter_vmap(
+            lambda k: GatedMLP(hidden_size, intermediate_size, activation=activation, dtype=dtype, key=k)
+        )(jax.random.split(k_experts, num_experts))
+        if shared_intermediate_size is None:
+            self.shared_expert, self.shared_expert_gate = None, None
+        else:
+            self.shared_expert = GatedMLP(hidden_size, shared_intermediate_size, activation=activation, dtype=dtype, key=k_shared)
+            self.shared_expert_gate = make_linear(hidden_size, 1, False, dtype, k_sgate)
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.normalize = normalize
+        self.dispatch = dispatch
+        self.block_size = block_size
+
+    @typecheck
+    def router(
+        self, x: Float[Array, "seq hidden"]
+    ) -> tuple[Float[Array, "seq experts"], Float[Array, "seq k"], Int[Array, "seq k"]]:
+        """Router logits, routing weights and selected experts for every token of `x`."""
+        logits = x @ self.gate.weight.T
+        weights, index = route(logits, self.top_k, self.normalize)
+        return logits, weights, index
+
+    def path(self, seq: int) -> str:
+        """The dispatch path used for a sequence of `seq` tokens (static)."""
+        if self.dispatch != "auto":
+            return self.dispatch
+        return "gather" if seq * self.top_k <= self.num_experts else "grouped"
+
+    def _gather(self, x, index):
+        e = self.experts
+        gate_w, up_w, down_w = e.gate_proj.weight[index], e.up_proj.weight[index], e.down_proj.weight[index]  # (seq, k, ...)
+        h = self.experts.activation(jnp.einsum("sh,skih->ski", x, gate_w)) * jnp.einsum("sh,skih->ski", x, up_w)
+        return jnp.einsum("ski,skhi->skh", h, down_w)
+
+    def _dense(self, x, index):
+        e = self.experts
+        out = jax.vmap(lambda g, u, d: _expert_mlp(x, g, u, d, e.activation))(
+            e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight
+        )  # (experts, seq, hidden)
+        return out[index, jnp.arange(x.shape[0])[:, None]]  # (seq, k, hidden)
+
+    def _grouped(self, x, index):
+        seq, k = index.shape
+        n_pairs, n_exp = seq * k, self.num_experts
+        block = max(1, min(self.block_size, n_pairs))
+        n_blocks = -(-n_pairs // block) + n_exp  # each group padded to whole blocks: at most this many
+        flat = index.reshape(-1)
+        order = jnp.argsort(flat, stable=True)  # pairs sorted by expert
+        sorted_exp = flat[order]
+        sizes = jnp.bincount(flat, length=n_exp)
+        starts = jnp.cumsum(sizes) - sizes
+        padded = -(-sizes // block) * block
+        padded_ends = jnp.cumsum(padded)
+        padded_starts = padded_ends - padded
+        rank = jnp.arange(n_pairs) - starts[sorted_exp]
+        dest = padded_starts[sorted_exp] + rank  # row of each sorted pair in the block layout
+        rows = jnp.zeros((n_blocks * block, x.shape[1]), x.dtype).at[dest].set(x[order // k])
+        block_exp = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(n_blocks) * block, side="right"), n_exp - 1)
+        e = self.experts
+
+        def body(_, xs):
+            xb, i = xs
+            return None, _expert_mlp(xb, e.gate_proj.weight[i], e.up_proj.weight[i], e.down_proj.weight[i], e.activation)
+
+        _, out = jax.lax.scan(body, None, (rows.reshape(n_blocks, block, -1), block_exp))
+        out = out.reshape(n_blocks * block, -1)[dest]  # sorted pairs
+        unsorted = jnp.zeros((n_pairs, x.shape[1]), x.dtype).at[order].set(out)
+        return unsorted.reshape(seq, k, -1)
+
+    @typecheck
+    def __call__(self, x: Float[Array, "seq hidden"]) -> Float[Array, "seq hidden"]:
+        _, weights, index = self.router(x)
+        path = self.path(x.shape[0])
+        contrib = {"gather": self._gather, "grouped": self._grouped, "dense": self._dense}[path](x, index)
+        # sum in ascending expert index from zeros (transformers' loop over experts)
+        order = jnp.argsort(index, axis=-1, stable=True)
+        contrib = jnp.take_along_axis(contrib, order[..., None], axis=1)
+        weights = jnp.take_along_axis(weights, order, axis=1)
+        out = jnp.zeros_like(x)
+        for j in range(self.top_k):
+            out = out + (contrib[:, j] * weights[:, j, None]).astype(x.dtype)
+        if self.shared_expert is not None:
+            shared = jax.vmap(self.shared_expert)(x)
+            out = out + jax.nn.sigmoid(x @ self.shared_expert_gate.weight.T) * shared
+        return out

@@ -1,0 +1,130 @@
+"""The mixture-of-experts part against transformers' blocks (Mixtral: always renormalised;
+Qwen2-MoE: `norm_topk_prob` off and a shared expert with its sigmoid gate), each dispatch
+path; per-expert names of the stacked experts; the expert-parallel partition rule; the
+load-balancing loss against `load_balancing_loss_func`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from hf import to_jnp
+from transformers.models.mixtral import modeling_mixtral
+from transformers.models.qwen2_moe import modeling_qwen2_moe
+
+import eqxlm
+from eqxlm.nn import SparseMoE
+from eqxlm.params import DEFAULT_RULES, partition_spec, state_dict
+from eqxlm.training import load_balancing_loss
+
+H, INTER, E = 32, 24, 4
+
+
+def _fill(block, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(0.2 * torch.randn_like(p))
+    return block.eval()
+
+
+def _ours_from(block, top_k, normalize, shared=None, dispatch="auto"):
+    ours = SparseMoE(
+        H, INTER, E, top_k, normalize=normalize, shared_intermediate_size=shared, dispatch=dispatch, key=jax.random.key(0)
+    )
+    gu, down = block.experts.gate_up_proj, block.experts.down_proj  # (E, 2I, H), (E, H, INTER)
+    ours = eqx_set(ours, lambda m: m.gate.weight, to_jnp(block.gate.weight))
+    ours = eqx_set(ours, lambda m: m.experts.gate_proj.weight, to_jnp(gu[:, :INTER]))
+    ours = eqx_set(ours, lambda m: m.experts.up_proj.weight, to_jnp(gu[:, INTER:]))
+    ours = eqx_set(ours, lambda m: m.experts.down_proj.weight, to_jnp(down))
+    if shared is not None:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            w = to_jnp(getattr(block.shared_expert, name).weight)
+            ours = eqx_set(ours, lambda m, n=name: getattr(m.shared_expert, n).weight, w)
+        ours = eqx_set(ours, lambda m: m.shared_expert_gate.weight, to_jnp(block.shared_expert_gate.weight))
+    return ours
+
+
+def eqx_set(module, where, value):
+    import equinox as eqx
+
+    return eqx.tree_at(where, module, value)
+
+
+@pytest.fixture(scope="module")
+def x():
+    return np.random.default_rng(0).standard_normal((1, 40, H)).astype(np.float32)
+
+
+@pytest.mark.parametrize("dispatch", ["dense", "grouped", "gather", "auto"])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_mixtral_block(x, dispatch, top_k):
+    cfg = transformers.MixtralConfig(hidden_size=H, intermediate_size=INTER, num_local_experts=E, num_experts_per_tok=top_k)
+    block = _fill(modeling_mixtral.MixtralSparseMoeBlock(cfg))
+    with torch.no_grad():
+        want = block(torch.tensor(x)).numpy()[0]
+    ours = _ours_from(block, top_k, True, dispatch=dispatch)
+    got = np.asarray(ours(jnp.asarray(x[0])))
+    assert np.abs(got - want).max() < 1e-6 * max(1.0, np.abs(want).max())
+    one = np.asarray(ours(jnp.asarray(x[0, :1])))  # a decode-sized input (the gather path under "auto")
+    np.testing.assert_allclose(one, want[:1], atol=1e-6)
+
+
+@pytest.mark.parametrize("dispatch", ["dense", "grouped", "gather"])
+def test_qwen2_moe_block_shared_expert_unnormalised(x, dispatch):
+    cfg = transformers.Qwen2MoeConfig(
+        hidden_size=H, moe_intermediate_size=INTER, shared_expert_intermediate_size=20, num_experts=E,
+        num_experts_per_tok=2, norm_topk_prob=False,
+    )  # fmt: skip
+    block = _fill(modeling_qwen2_moe.Qwen2MoeSparseMoeBlock(cfg))
+    with torch.no_grad():
+        want = block(torch.tensor(x)).numpy()[0]
+    got = np.asarray(_ours_from(block, 2, False, shared=20, dispatch=dispatch)(jnp.asarray(x[0])))
+    assert np.abs(got - want).max() < 1e-6 * max(1.0, np.abs(want).max())
+
+
+def test_router_matches_transformers(x):
+    cfg = transformers.Qwen2MoeConfig(hidden_size=H, num_experts=E, num_experts_per_tok=2, norm_topk_prob=True)
+    router = _fill(modeling_qwen2_moe.Qwen2MoeTopKRouter(cfg))
+    with torch.no_grad():
+        logits, scores, index = router(torch.tensor(x[0]))
+    ours = SparseMoE(H, INTER, E, 2, normalize=True, key=jax.random.key(0))
+    ours = eqx_set(ours, lambda m: m.gate.weight, to_jnp(router.weight))
+    got_logits, got_w, got_i = ours.router(jnp.asarray(x[0]))
+    np.testing.assert_allclose(np.asarray(got_logits), logits.numpy(), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got_w), scores.numpy(), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got_i), index.numpy())
+    # exact ties break toward the lower index (jax.lax.top_k); torch.topk's CPU order among
+    # equal values is implementation-defined (it picks [2, 3] of four equal values here), so
+    # exact ties are the one case where the selected set can differ from transformers'
+    w, i = eqxlm.nn.route(jnp.zeros((1, E)), 2, False)
+    np.testing.assert_array_equal(np.asarray(i), [[0, 1]])
+
+
+def test_stacked_expert_names_and_expert_parallel_rule():
+    ours = SparseMoE(H, INTER, E, 2, key=jax.random.key(0))
+    sd = state_dict(ours)
+    assert sorted(k for k in sd if k.startswith("experts.1.")) == [
+        "experts.1.down_proj.weight", "experts.1.gate_proj.weight", "experts.1.up_proj.weight",
+    ]  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(sd["experts.3.up_proj.weight"]), np.asarray(ours.experts.up_proj.weight[3]))
+    assert sd["experts.0.gate_proj.weight"].shape == (INTER, H) and sd["gate.weight"].shape == (E, H)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tensor"))
+    spec = partition_spec("mlp.experts.0.gate_proj.weight", (INTER, H), mesh, DEFAULT_RULES, stacked=1, stacked_shape=(E,))
+    assert tuple(spec) == ("tensor", None, "fsdp")
+    spec = partition_spec("mlp.experts.0.down_proj.weight", (H, INTER), mesh, DEFAULT_RULES, stacked=2, stacked_shape=(2, E))
+    assert tuple(spec) == (None, "tensor", None, "fsdp")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_load_balancing_loss(masked):
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((3, 2 * 7, E)).astype(np.float32)  # layers, batch * seq, experts
+    mask = np.ones((2, 7), np.int64)
+    mask[0, :3] = 0
+    want = modeling_mixtral.load_balancing_loss_func(
+        tuple(torch.tensor(layer) for layer in logits), E, 2, torch.tensor(mask) if masked else None
+    )
+    got = load_balancing_loss(jnp.asarray(logits).reshape(3, 2, 7, E), 2, jnp.asarray(mask) if masked else None)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
