@@ -19,6 +19,7 @@ FAMILIES = {
     "qwen2": ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1}, False),
     "llama-scanned": ("llama", {}, True),
     "qwen2-scanned": ("qwen2", {}, True),
+    "mixtral": ("mixtral", {}, False),  # a mixture of experts: its MLP takes the whole sequence
 }
 IDS = np.array([3, 17, 5, 40, 22, 9, 1, 33])
 OTHER = np.array([8, 2, 71, 14, 60, 5, 19, 44])
@@ -53,7 +54,12 @@ def test_unhooked_model_traces_to_the_same_program(case):
     _, _, model = case
     ids = jnp.asarray(IDS)
     plain = jax.make_jaxpr(model)(ids).pretty_print()
-    captured = inspect.capture(model, ["model.layers.0.self_attn.z", "model.layers.1.mlp.down_proj:input"])
+    inner = (
+        "model.layers.1.mlp:input"
+        if getattr(_layers(model)[1].mlp, "sequence_wise", False)
+        else "model.layers.1.mlp.down_proj:input"
+    )
+    captured = inspect.capture(model, ["model.layers.0.self_attn.z", inner])
     hooked = inspect.patch(captured, "model.layers.0.resid_mid", add=1.0)
     assert jax.make_jaxpr(inspect.unhook(hooked))(ids).pretty_print() == plain
     assert jax.make_jaxpr(lambda i: inspect.run(model, i)[0])(ids).pretty_print() == plain
@@ -142,6 +148,10 @@ def test_queries_and_keys_after_rotary_give_the_captured_probabilities(case):
 def test_mlp_neurons_captured_inside_the_token_wise_block(case):
     _, _, model = case
     point = "model.layers.1.mlp"
+    if getattr(_layers(model)[1].mlp, "sequence_wise", False):  # a mixture of experts: hooked as a whole
+        with pytest.raises(ValueError, match="takes the whole sequence"):
+            inspect.capture(model, f"{point}.experts.down_proj:input")
+        return
     _, acts = inspect.run(inspect.capture(model, [f"{point}.down_proj:input", f"{point}:input"]), jnp.asarray(IDS))
     mlp = _layers(model)[1].mlp
     x = acts[f"{point}:input"]

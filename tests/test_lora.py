@@ -21,6 +21,7 @@ CASES = {
     "qwen2": ("qwen2", ["q_proj", "k_proj", "o_proj", "gate_proj"], False),
     "bloom-scanned": ("bloom", ["query_key_value", "dense_4h_to_h"], True),
     "gpt2": ("gpt2", ["c_attn", "c_proj"], False),
+    "mixtral": ("mixtral", ["q_proj", "v_proj", "o_proj"], False),
 }
 IDS = np.array([3, 17, 5, 40, 22, 9, 1, 33])
 
