@@ -130,15 +130,17 @@ def test_gradient_of_a_logit_wrt_an_activation_matches_a_hand_written_function(c
 
 
 def test_queries_and_keys_after_rotary_give_the_captured_probabilities(case):
-    name, _, model = case
-    if name.startswith("bloom"):
-        pytest.skip("BLOOM has no rotary (ALiBi); its probabilities are checked against transformers above")
+    _, _, model = case
     point = "model.layers.0.self_attn"
     _, acts = inspect.run(inspect.capture(model, [f"{point}.q", f"{point}.k", f"{point}.probs"]), jnp.asarray(IDS))
     q, k = acts[f"{point}.q"], acts[f"{point}.k"]
     k = jnp.repeat(k, q.shape[1] // k.shape[1], axis=1)
     scores = jnp.einsum("shd,thd->hst", q, k) / np.sqrt(q.shape[-1])
-    window = _layers(model)[0].self_attn.sliding_window
+    attn = _layers(model)[0].self_attn
+    if attn.position_scheme is not None:  # ALiBi (BLOOM) biases the scores; rotary returns None here
+        bias = attn.position_scheme.bias(jnp.arange(len(IDS), dtype=jnp.int32))
+        scores = scores if bias is None else scores + bias[:, None, :]
+    window = attn.sliding_window
     i, j = np.arange(len(IDS))[:, None], np.arange(len(IDS))[None]
     mask = (j <= i) & ((i - j < window) if window else True)
     probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
