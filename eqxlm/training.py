@@ -139,14 +139,24 @@ def train_step(
     optimizer: optax.GradientTransformation,
     mesh=None,
     rules=None,
+    trainable=None,
 ):
     """One optimiser step on a batch. **Returns:** `(model, opt_state, loss)`.
 
     With a `mesh` (a model placed by `eqxlm.shard`), the updated parameters are pinned to
-    the layout of `rules` (default: the model's `partition_rules()`) so every step keeps it."""
-    loss, grads = eqx.filter_value_and_grad(batch_loss)(model, input_ids, loss_mask)
+    the layout of `rules` (default: the model's `partition_rules()`) so every step keeps it.
+    With `trainable` (a filter for `eqx.partition`, e.g. `eqxlm.lora.trainable(model)`), only
+    those leaves get gradients and updates; `opt_state` is then
+    `optimizer.init(eqx.filter(model, trainable))`."""
+    if trainable is None:
+        loss, grads = eqx.filter_value_and_grad(batch_loss)(model, input_ids, loss_mask)
+        params = eqx.filter(model, eqx.is_array)
+    else:
+        params, frozen = eqx.partition(model, trainable)
+        partial_loss = lambda p: batch_loss(eqx.combine(p, frozen), input_ids, loss_mask)  # noqa: E731
+        loss, grads = eqx.filter_value_and_grad(partial_loss)(params)
     with jax.numpy_dtype_promotion("standard"):  # optax mixes int step counts and floats
-        updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+        updates, opt_state = optimizer.update(grads, opt_state, params)
     model = eqx.apply_updates(model, updates)
     if mesh is not None:
         from .sharding import shardings

@@ -17,6 +17,7 @@ def test_the_notebooks_exist():
         "03_compose_an_architecture",
         "04_finetune_and_export",
         "05_sharding",
+        "06_look_inside",
     ]
 
 

@@ -19,6 +19,7 @@ from ._linear import linear, make_linear
 from ._masks import attention_mask
 from ._norm import LayerNorm, RMSNorm
 from ._positions import AbstractPositionScheme
+from ._taps import tap, wants
 
 
 @typecheck
@@ -237,10 +238,13 @@ class Attention(eqx.Module):
         cache: KVCache | None = None,
         *,
         return_weights: bool = False,
+        taps=None,
     ) -> tuple[Float[Array, "seq hidden"], Float[Array, "heads seq kv_seq"] | None, KVCache | None]:
         """**Arguments:** `x`; the `frame` of this layer's attention kind; this layer's
-        `cache`; `return_weights` (static). **Returns:** output, attention weights (or
-        None), updated cache."""
+        `cache`; `return_weights` (static); `taps` (static, set by an `eqxlm.inspect` hook:
+        the points `q`, `k`, `v` (after rotary), `probs`, `z` (each head's output before
+        `o_proj`); None = none, the same program as without). **Returns:** output,
+        attention weights (or None), updated cache."""
         seq = x.shape[0]
         q = self._project(self.q_proj, self.q_norm, x, self.num_heads)
         k = self._project(self.k_proj, self.k_norm, x, self.num_kv_heads)
@@ -249,6 +253,7 @@ class Attention(eqx.Module):
         if scheme is not None:
             q = scheme.rotate(q, frame.positions)
             k = scheme.rotate(k, frame.positions)
+        q, k, v = tap(taps, "q", q), tap(taps, "k", k), tap(taps, "v", v)
         if cache is not None:
             cache, k, v = cache.update(frame.write, k, v)
         bias = None if scheme is None else scheme.bias(frame.key_positions)
@@ -260,8 +265,12 @@ class Attention(eqx.Module):
             bias=None if bias is None else bias[:, None, :],
             scale=self.scale,
             softcap=self.logit_softcap,
-            return_weights=return_weights,
+            return_weights=return_weights or wants(taps, "probs"),
         )
+        if wants(taps, "probs"):
+            weights = tap(taps, "probs", weights)
+            weights = weights if return_weights else None
+        out = tap(taps, "z", out)
         return linear(self.o_proj, out.reshape(seq, -1)), weights, cache
 
 

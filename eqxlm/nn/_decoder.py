@@ -10,6 +10,7 @@ from .._typing import typecheck
 from ._attention import Attention, AttentionFrame
 from ._kv_cache import KVCache
 from ._norm import LayerNorm, RMSNorm
+from ._taps import tap
 
 Norm = RMSNorm | LayerNorm
 
@@ -64,10 +65,13 @@ class DecoderLayer(eqx.Module):
         cache: KVCache | None = None,
         *,
         return_weights: bool = False,
+        taps=None,
     ) -> tuple[Float[Array, "seq hidden"], Float[Array, "heads seq kv_seq"] | None, KVCache | None]:
         """**Arguments:** `x`; the `frame` of this layer's attention kind; this layer's
-        `cache`; `return_weights` (static). **Returns:** the block output, the attention
-        weights (or None) and the updated cache."""
+        `cache`; `return_weights` (static); `taps` (static, set by an `eqxlm.inspect` hook:
+        the point `resid_mid`, the residual stream between attention and MLP of a sequential
+        layer; None = none). **Returns:** the block output, the attention weights (or None)
+        and the updated cache."""
         a = _norm(self.input_layernorm, x)
         attn, weights, cache = self.self_attn(a, frame, cache, return_weights=return_weights)
         attn = _norm(self.attn_out_norm, attn)
@@ -75,7 +79,7 @@ class DecoderLayer(eqx.Module):
             b = a if self.post_attention_layernorm is None else _norm(self.post_attention_layernorm, x)
             mlp = _norm(self.mlp_out_norm, feed_forward(self.mlp, b))
             return x + attn + mlp, weights, cache
-        h = (a if self.residual_from_norm else x) + self._scaled(attn)
+        h = tap(taps, "resid_mid", (a if self.residual_from_norm else x) + self._scaled(attn))
         b = _norm(self.post_attention_layernorm, h)
         mlp = _norm(self.mlp_out_norm, feed_forward(self.mlp, b))
         return (b if self.residual_from_norm else h) + self._scaled(mlp), weights, cache

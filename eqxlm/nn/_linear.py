@@ -17,6 +17,7 @@ def make_linear(in_features: int, out_features: int, use_bias: bool, dtype, key:
 
 
 @typecheck
-def linear(layer: eqx.nn.Linear, x: Float[Array, "seq in_features"]) -> Float[Array, "seq out_features"]:
-    """Apply `layer` to every token of `x` (`jax.vmap(layer)(x)`)."""
-    return jax.vmap(layer)(x)
+def linear(layer: eqx.Module, x: Float[Array, "seq in_features"]) -> Float[Array, "seq out_features"]:
+    """Apply `layer` to every token of `x` (`jax.vmap(layer)(x)`); a wrapper that takes the
+    whole sequence (an `eqxlm.inspect` hook) says so with `sequence_wise = True`."""
+    return layer(x) if getattr(layer, "sequence_wise", False) else jax.vmap(layer)(x)

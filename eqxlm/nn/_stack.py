@@ -19,6 +19,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from . import _taps
+
 
 def _signature(layer) -> Any:
     leaves, treedef = jax.tree_util.tree_flatten(layer)
@@ -137,19 +139,22 @@ def run_layers(layers, x, call: Callable, caches, *, collect: bool):
     for k, ((start, period, reps), block) in enumerate(zip(layers.layout, layers.segments, strict=True)):
         params, static = eqx.partition(block, eqx.is_array)
         seg_cache = None if caches is None else caches[k]
+        scope = _taps.scan_scope()  # captures of `eqxlm.inspect` hooks leave the scan as outputs
 
-        def body(x, xs, static=static, period=period):
+        def body(x, xs, static=static, period=period, scope=scope):
             block = eqx.combine(xs[0], static)
             cache = xs[1]
             ys_out, ys_w, ys_c = [], [], []
-            for j in range(period):
-                x, w, c = call(block[j], x, None if cache is None else cache[j])
-                ys_out.append(x if collect else None)
-                ys_w.append(w if collect else None)
-                ys_c.append(c)
-            return x, (tuple(ys_out), tuple(ys_w), None if cache is None else tuple(ys_c))
+            with scope.inner():
+                for j in range(period):
+                    x, w, c = call(block[j], x, None if cache is None else cache[j])
+                    ys_out.append(x if collect else None)
+                    ys_w.append(w if collect else None)
+                    ys_c.append(c)
+            return x, (tuple(ys_out), tuple(ys_w), None if cache is None else tuple(ys_c), scope.outputs())
 
-        x, (ys_out, ys_w, ys_c) = jax.lax.scan(body, x, (params, seg_cache))
+        x, (ys_out, ys_w, ys_c, captured) = jax.lax.scan(body, x, (params, seg_cache))
+        scope.emit(captured)
         new_segments.append(ys_c)
         if collect:
             for r in range(reps):

@@ -1,0 +1,79 @@
+"""The output channel of `eqxlm.inspect`: where captured activations go while a model runs.
+
+A capture is recorded at trace time into the innermost open collector (a plain dict), so
+it costs nothing when no collector is open and no module asks to record. `jax.lax.scan`
+(scanned layers) and `jax.vmap` (token-wise blocks) are trace boundaries that values may
+not cross, so the code that opens such a boundary opens a nested collector inside it,
+returns what it gathered as ordinary outputs of the transform, and re-records them outside
+([`scan_scope`][] in `run_layers`). Nothing here runs unless `eqxlm.inspect` placed a hook.
+
+A key is a tuple of `(name, row)`: `row` -1 for a value recorded as is, `r` for a value
+recorded inside a scan whose row `r` (after stacking) belongs to `name`.
+"""
+
+import contextlib
+
+_STACK: list[dict] = []
+
+
+def active() -> bool:
+    """Whether a collector is open (`eqxlm.inspect.run` opens one)."""
+    return bool(_STACK)
+
+
+@contextlib.contextmanager
+def collecting():
+    """Open a collector: a dict `{key: value}` filled by [`record`][]."""
+    got: dict = {}
+    _STACK.append(got)
+    try:
+        yield got
+    finally:
+        _STACK.pop()
+
+
+def record(key: tuple[tuple[str, int], ...], value) -> None:
+    """Record `value` under `key` in the innermost collector."""
+    if not _STACK:
+        raise RuntimeError(
+            "a capture hook ran outside `eqxlm.inspect.run(model, ...)`: run the hooked model through it "
+            "to get the captured activations back."
+        )
+    _STACK[-1][key] = value
+
+
+def tap(taps, point: str, x):
+    """`x` at the named internal `point` of a module: unchanged unless a hook passed `taps`."""
+    return x if taps is None else taps(point, x)
+
+
+def wants(taps, point: str) -> bool:
+    return taps is not None and point in getattr(taps, "points", ())
+
+
+class scan_scope:
+    """Carry captures out of a `jax.lax.scan` body: `inner()` inside the body (a context
+    manager yielding the collector), `outputs()` as extra scan outputs, and `emit(stacked)`
+    outside, which re-records row `r` of each stacked value under its name."""
+
+    def __init__(self):
+        self.enabled = active()
+        self.keys: list = []
+
+    @contextlib.contextmanager
+    def inner(self):
+        if not self.enabled:
+            yield None
+            return
+        with collecting() as got:
+            yield got
+        self.keys = list(got)
+        self._values = tuple(got[k] for k in self.keys)
+
+    def outputs(self):
+        return self._values if self.enabled else ()
+
+    def emit(self, stacked) -> None:
+        for key, value in zip(self.keys, stacked, strict=True):
+            for name, row in key:
+                record(((name, -1),), value if row < 0 else value[row])

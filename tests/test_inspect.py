@@ -1,0 +1,222 @@
+"""`eqxlm.inspect`: captures against transformers' hidden states and attentions, patches
+against hand-written computations, gradients with respect to activations, and the unhooked
+program unchanged; for Llama, BLOOM, Qwen2 (sliding windows) and a scanned model."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hf import hf_model, run_hf, save_hf
+
+import eqxlm
+from eqxlm import inspect
+from eqxlm.nn import attention_frames, feed_forward
+
+FAMILIES = {
+    "llama": ("llama", {}, False),
+    "bloom": ("bloom", {}, False),
+    "qwen2": ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1}, False),
+    "llama-scanned": ("llama", {}, True),
+    "qwen2-scanned": ("qwen2", {}, True),
+    "mixtral": ("mixtral", {}, False),  # a mixture of experts: its MLP takes the whole sequence
+}
+IDS = np.array([3, 17, 5, 40, 22, 9, 1, 33])
+OTHER = np.array([8, 2, 71, 14, 60, 5, 19, 44])
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def case(request, tmp_path_factory):
+    family, overrides, scan = FAMILIES[request.param]
+    ref = hf_model(family, **overrides)
+    path = save_hf(ref, tmp_path_factory.mktemp(request.param))
+    return request.param, ref, eqxlm.from_pretrained(path, scan_layers=scan)
+
+
+def _layers(model):
+    layers = model.model.layers
+    return layers.unstack() if isinstance(layers, eqxlm.nn.LayerStack) else layers
+
+
+def test_captures_equal_transformers_hidden_states_and_attentions(case):
+    _, ref, model = case
+    n = model.model.num_layers
+    names = [f"model.layers.{i}.resid_pre" for i in range(n)] + [f"model.layers.{i}.self_attn.probs" for i in range(n)]
+    out, acts = eqx.filter_jit(inspect.run)(inspect.capture(model, names), jnp.asarray(IDS))
+    want = run_hf(ref, IDS[None], output_hidden_states=True, output_attentions=True)
+    for i in range(n):
+        np.testing.assert_allclose(acts[f"model.layers.{i}.resid_pre"], want.hidden_states[i][0].numpy(), atol=1e-5)
+        np.testing.assert_allclose(acts[f"model.layers.{i}.self_attn.probs"], want.attentions[i][0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(out.logits, want.logits[0].numpy(), atol=1e-4)
+
+
+def test_unhooked_model_traces_to_the_same_program(case):
+    _, _, model = case
+    ids = jnp.asarray(IDS)
+    plain = jax.make_jaxpr(model)(ids).pretty_print()
+    inner = (
+        "model.layers.1.mlp:input"
+        if getattr(_layers(model)[1].mlp, "sequence_wise", False)
+        else "model.layers.1.mlp.down_proj:input"
+    )
+    captured = inspect.capture(model, ["model.layers.0.self_attn.z", inner])
+    hooked = inspect.patch(captured, "model.layers.0.resid_mid", add=1.0)
+    assert jax.make_jaxpr(inspect.unhook(hooked))(ids).pretty_print() == plain
+    assert jax.make_jaxpr(lambda i: inspect.run(model, i)[0])(ids).pretty_print() == plain
+    assert jax.make_jaxpr(lambda i: inspect.run(hooked, i))(ids).pretty_print() != plain
+
+
+def test_patching_a_layer_output_with_another_prompts_value_is_a_two_pass_computation(case):
+    _, _, model = case
+    _, acts = inspect.run(inspect.capture(model, "model.layers.0"), jnp.asarray(OTHER))
+    patched = inspect.patch(model, "model.layers.0", value=acts["model.layers.0"])
+    got = patched(jnp.asarray(IDS)).logits
+    # by hand: the other prompt's layer-0 output, then the remaining layers on this prompt's frames
+    spec = model.model.spec
+    positions = jnp.arange(len(IDS), dtype=jnp.int32)
+    frames, _ = attention_frames(spec.windows, positions, jnp.ones(len(IDS), bool))
+    frame_of = dict(zip(spec.windows, frames, strict=True))
+    x = acts["model.layers.0"]
+    for layer in _layers(model)[1:]:
+        x, _, _ = layer(x, frame_of[layer.self_attn.sliding_window])
+    want = model.logits(jax.vmap(model.model.norm)(x))
+    if isinstance(model.model.layers, eqxlm.nn.LayerStack):  # lax.scan vs the layers one by one: 1e-6 (README)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    else:
+        np.testing.assert_array_equal(got, want)
+
+
+def test_ablating_a_head_removes_exactly_its_share_of_the_attention_output(case):
+    _, _, model = case
+    head, ids = 1, jnp.asarray(IDS)
+    names = ["model.layers.0.self_attn.z", "model.layers.0.self_attn", "model.layers.1.resid_pre"]
+    _, clean = inspect.run(inspect.capture(model, names), ids)
+    ablated = inspect.patch(model, "model.layers.0.self_attn.z", fn=lambda z: z.at[:, head].set(0.0))
+    _, dirty = inspect.run(inspect.capture(ablated, names), ids)
+    attn = _layers(model)[0].self_attn
+    d = attn.head_dim
+    z = clean["model.layers.0.self_attn.z"]
+    np.testing.assert_array_equal(dirty["model.layers.0.self_attn.z"][:, head], 0.0)
+    np.testing.assert_array_equal(np.delete(dirty["model.layers.0.self_attn.z"], head, 1), np.delete(z, head, 1))
+    share = z[:, head] @ attn.o_proj.weight[:, head * d : (head + 1) * d].T
+    np.testing.assert_allclose(dirty["model.layers.0.self_attn"], clean["model.layers.0.self_attn"] - share, atol=1e-5)
+    assert not np.allclose(dirty["model.layers.1.resid_pre"], clean["model.layers.1.resid_pre"])
+
+
+def test_gradient_of_a_logit_wrt_an_activation_matches_a_hand_written_function(case):
+    _, _, model = case
+    ids, token = jnp.asarray(IDS), 7
+    _, acts = inspect.run(inspect.capture(model, "model.layers.0.resid_mid"), ids)
+    h0 = acts["model.layers.0.resid_mid"]
+
+    def through_hooks(h):
+        return inspect.patch(model, "model.layers.0.resid_mid", value=h)(ids).logits[-1, token]
+
+    spec = model.model.spec
+    frames, _ = attention_frames(spec.windows, jnp.arange(len(IDS), dtype=jnp.int32), jnp.ones(len(IDS), bool))
+    frame_of = dict(zip(spec.windows, frames, strict=True))
+    layers = _layers(model)
+
+    def by_hand(h):  # the rest of layer 0 (sequential, pre-norm), then the other layers and the head
+        first = layers[0]
+        b = jax.vmap(first.post_attention_layernorm)(h)
+        x = (b if first.residual_from_norm else h) + feed_forward(first.mlp, b)
+        for layer in layers[1:]:
+            x, _, _ = layer(x, frame_of[layer.self_attn.sliding_window])
+        return model.logits(jax.vmap(model.model.norm)(x))[-1, token]
+
+    np.testing.assert_allclose(jax.grad(through_hooks)(h0), jax.grad(by_hand)(h0), atol=1e-5)
+    assert float(jnp.abs(jax.grad(by_hand)(h0)).max()) > 0
+
+
+def test_queries_and_keys_after_rotary_give_the_captured_probabilities(case):
+    _, _, model = case
+    point = "model.layers.0.self_attn"
+    _, acts = inspect.run(inspect.capture(model, [f"{point}.q", f"{point}.k", f"{point}.probs"]), jnp.asarray(IDS))
+    q, k = acts[f"{point}.q"], acts[f"{point}.k"]
+    k = jnp.repeat(k, q.shape[1] // k.shape[1], axis=1)
+    scores = jnp.einsum("shd,thd->hst", q, k) / np.sqrt(q.shape[-1])
+    attn = _layers(model)[0].self_attn
+    if attn.position_scheme is not None:  # ALiBi (BLOOM) biases the scores; rotary returns None here
+        bias = attn.position_scheme.bias(jnp.arange(len(IDS), dtype=jnp.int32))
+        scores = scores if bias is None else scores + bias[:, None, :]
+    window = attn.sliding_window
+    i, j = np.arange(len(IDS))[:, None], np.arange(len(IDS))[None]
+    mask = (j <= i) & ((i - j < window) if window else True)
+    probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+    np.testing.assert_allclose(acts[f"{point}.probs"], probs, atol=1e-5)
+
+
+def test_mlp_neurons_captured_inside_the_token_wise_block(case):
+    _, _, model = case
+    point = "model.layers.1.mlp"
+    if getattr(_layers(model)[1].mlp, "sequence_wise", False):  # a mixture of experts: hooked as a whole
+        with pytest.raises(ValueError, match="takes the whole sequence"):
+            inspect.capture(model, f"{point}.experts.down_proj:input")
+        return
+    _, acts = inspect.run(inspect.capture(model, [f"{point}.down_proj:input", f"{point}:input"]), jnp.asarray(IDS))
+    mlp = _layers(model)[1].mlp
+    x = acts[f"{point}:input"]
+    if isinstance(mlp, eqxlm.nn.GatedMLP):
+        want = jax.vmap(lambda t: mlp.activation(mlp.gate_proj(t)) * mlp.up_proj(t))(x)
+    else:
+        want = jax.vmap(lambda t: mlp.activation(mlp.up_proj(t)))(x)
+    np.testing.assert_allclose(acts[f"{point}.down_proj:input"], want, atol=1e-6)
+
+
+def test_vmap_and_jit_over_a_batch(case):
+    _, _, model = case
+    hooked = inspect.capture(model, "model.layers.1.self_attn.v")
+    batch = jnp.asarray(np.stack([IDS, OTHER]))
+    _, acts = eqx.filter_jit(jax.vmap(inspect.run, in_axes=(None, 0)))(hooked, batch)
+    for row in range(2):
+        _, one = inspect.run(hooked, batch[row])
+        np.testing.assert_allclose(acts["model.layers.1.self_attn.v"][row], one["model.layers.1.self_attn.v"], atol=1e-5)
+
+
+@pytest.mark.slow  # one to two minutes per family on two shared cores
+def test_patches_apply_at_every_step_of_generate(case):
+    _, _, model = case
+    steer = 3.0 * jnp.sin(jnp.arange(model.config.hidden_size, dtype=jnp.float32))
+    patched = inspect.patch(model, "model.layers.0.resid_post", add=steer)
+    prompt = jnp.asarray(IDS[None, :5])
+    got = np.asarray(eqxlm.generate(patched, prompt, max_new_tokens=6, eos_token_id=[]))
+    ids = list(IDS[:5])
+    for _ in range(6):  # greedy by hand with full forwards of the patched model (no cache)
+        ids.append(int(jnp.argmax(patched(jnp.asarray(ids)).logits[-1])))
+    assert got[0].tolist() == ids
+    assert got[0].tolist() != np.asarray(eqxlm.generate(model, prompt, max_new_tokens=6, eos_token_id=[]))[0].tolist()
+
+
+def test_names_checkpoint_names_and_where():
+    ref = hf_model("bloom")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = eqxlm.from_pretrained(save_hf(ref, tmp))
+    ids = jnp.asarray(IDS)
+    _, a = inspect.run(inspect.capture(model, "transformer.h.1.self_attention.dense"), ids)
+    _, b = inspect.run(inspect.capture(model, "model.layers.1.self_attn.o_proj"), ids)
+    _, c = inspect.run(inspect.capture(model, where=lambda m: m.model.layers[1].self_attn.o_proj), ids)
+    np.testing.assert_array_equal(a["transformer.h.1.self_attention.dense"], b["model.layers.1.self_attn.o_proj"])
+    np.testing.assert_array_equal(c["model.layers.1.self_attn.o_proj"], b["model.layers.1.self_attn.o_proj"])
+    with pytest.raises(ValueError, match="query_key_value.*q_proj, k_proj, v_proj"):
+        inspect.capture(model, "transformer.h.1.self_attention.query_key_value")
+    with pytest.raises(ValueError, match="no module named 'model.layers.1.self_atn'"):
+        inspect.capture(model, "model.layers.1.self_atn")
+    with pytest.raises(ValueError, match="captured, not patched"):
+        inspect.patch(model, "model.layers.1.self_attn.probs", value=0.0)
+    with pytest.raises(RuntimeError, match="inspect.run"):
+        inspect.capture(model, "model.layers.0")(ids)
+    assert "model.layers.1.self_attn.z" in inspect.hook_names(model)
+
+
+def test_models_configs_and_captures_render_with_treescope_and_print_short():
+    treescope = pytest.importorskip("treescope")
+    model = eqxlm.from_pretrained("eqxlm/default")
+    hooked = inspect.capture(model, "model.layers.1.self_attn.probs")
+    _, acts = inspect.run(hooked, jnp.asarray(IDS))
+    for thing in (model, model.config, acts, hooked):
+        assert "<" in treescope.render_to_html(thing)
+    text = repr(model)
+    assert "f32[192,192]" in text and "Array(" not in text and len(text) < 20_000
