@@ -6,6 +6,7 @@ out below by hand (not produced by the rules under test): a rule changed to repl
 weight, split the wrong dimension or name the wrong axis fails here.
 """
 
+import math
 import re
 
 import equinox as eqx
@@ -127,7 +128,15 @@ def test_scanned_layers_keep_the_layer_axis_unsplit(family):
 
 @pytest.mark.parametrize("family", sorted(EXPECTED))
 def test_bytes_per_device_near_total_over_devices(family):
-    mem = sharding.memory_per_device(_abstract(family), MESH)
+    model = _abstract(family)
+    mem = sharding.memory_per_device(model, MESH)
     assert mem["devices"] == 8
+    # the same figure from the literal table: each tensor's bytes over the mesh axes it names
+    want = 0.0
+    for ref in param_refs(model):
+        axes = [a for a in EXPECTED[family][_kind(ref.name)] if a is not None]
+        want += math.prod(ref.shape) * 4 / math.prod(MESH.shape[a] for a in axes)
+    assert mem["bytes_per_device"] == want
+    assert mem["bytes_total"] == sum(math.prod(ref.shape) * 4 for ref in param_refs(model))
     factor = mem["bytes_per_device"] / (mem["bytes_total"] / 8)
     assert 1.0 <= factor <= MAX_FACTOR, factor
