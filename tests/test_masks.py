@@ -1,9 +1,9 @@
 import jax.numpy as jnp
 import numpy as np
 import torch
+from hf import hf_mask
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hf import hf_mask
 from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
 
 from eqxlm.nn import attention_mask, causal_mask, padding_mask, sliding_window_mask

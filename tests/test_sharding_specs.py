@@ -38,7 +38,12 @@ _ATTN = {
 }
 _ATTN_BIASES = {"self_attn.q_proj.bias": SPLIT_BIAS, "self_attn.k_proj.bias": SPLIT_BIAS, "self_attn.v_proj.bias": SPLIT_BIAS}
 _GATED = {"mlp.gate_proj.weight": COL, "mlp.up_proj.weight": COL, "mlp.down_proj.weight": ROW}
-_MLP_BIASED = {"mlp.up_proj.weight": COL, "mlp.up_proj.bias": SPLIT_BIAS, "mlp.down_proj.weight": ROW, "mlp.down_proj.bias": REPLICATED}
+_MLP_BIASED = {
+    "mlp.up_proj.weight": COL,
+    "mlp.up_proj.bias": SPLIT_BIAS,
+    "mlp.down_proj.weight": ROW,
+    "mlp.down_proj.bias": REPLICATED,
+}
 _RMS = {"input_layernorm.weight": REPLICATED, "post_attention_layernorm.weight": REPLICATED, "model.norm.weight": REPLICATED}
 _LN = {
     **_RMS,

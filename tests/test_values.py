@@ -53,7 +53,7 @@ def test_train_step_loss_equals_hand_computation_and_decreases(model):
     # the reported loss of each step is the loss of the parameters it started from
     np.testing.assert_allclose(float(batch_loss(model, ids, mask)), _hand_loss(model, IDS, MASK), rtol=1e-6)
     assert losses[1] == losses[0], losses  # the warmup schedule starts at learning rate 0
-    assert all(b < a for a, b in zip(losses[1:], losses[2:])), losses
+    assert all(b < a for a, b in zip(losses[1:], losses[2:], strict=False)), losses
     assert losses[-1] < 0.8 * losses[0], losses
 
 
