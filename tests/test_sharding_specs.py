@@ -109,7 +109,7 @@ def test_every_family_has_a_row():
 def test_partition_specs_match_the_table(family):
     specs = sharding.parameter_specs(_abstract(family), MESH)
     kinds = {_kind(name) for name in specs}
-    assert kinds == set(EXPECTED[family]), (kinds ^ set(EXPECTED[family]))
+    assert kinds == set(EXPECTED[family]), kinds ^ set(EXPECTED[family])
     wrong = {name: spec for name, spec in specs.items() if spec != EXPECTED[family][_kind(name)]}
     assert not wrong, wrong
 

@@ -9,6 +9,7 @@ G = "tests/test_generation.py"
 B = "tests/test_bf16_parity.py"
 S = "tests/test_sharding_specs.py"
 
+# fmt: off
 MUTANTS = [
     # -- parts --------------------------------------------------------------------------------
     dict(id="rmsnorm-eps-outside-rsqrt", file="eqxlm/nn/_norm.py",
@@ -186,3 +187,4 @@ MUTANTS = [
          replace='Fused("query_key_value", ("q_proj", "k_proj", "v_proj"), heads=1)',
          tests=[M, "-k", "logits_match and bloom-4heads"]),
 ]
+# fmt: on

@@ -27,10 +27,16 @@ from mutants import MUTANTS  # noqa: E402
 
 
 def _copy_repo(dest: Path) -> None:
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO, capture_output=True, check=True,
-    ).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, files):
         src = REPO / name
         if src.is_file():
@@ -74,7 +80,11 @@ def main() -> int:
             try:
                 run = subprocess.run(
                     [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m["tests"]],
-                    cwd=work, env=env, capture_output=True, text=True, timeout=args.timeout,
+                    cwd=work,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=args.timeout,
                 )
                 status = {0: "SURVIVED", 1: "killed"}.get(run.returncode, f"error (pytest exit {run.returncode})")
                 failed = [line.split(" ")[1] for line in run.stdout.splitlines() if line.startswith("FAILED ")]
