@@ -190,6 +190,11 @@ BF16_LOGITS_ATOL = {
     "llama": 0.13,
     "mistral": 0.14,
     "qwen2": 0.3,
+    # families on main after this branch (measured there: gemma2 0.19, gemma3_text 0.23, phi3 0.18;
+    # the other 10 newer families within the default 0.14)
+    "gemma2": 0.4,
+    "gemma3_text": 0.5,
+    "phi3": 0.36,
 }
 
 
