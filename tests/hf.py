@@ -296,3 +296,18 @@ def tiny_mistral(seed: int = 0, **overrides) -> "eqxlm.DecoderLM":
         max_position_embeddings=128,
     )
     return eqxlm.DecoderLM(eqxlm.MistralConfig(**{**fields, **overrides}), key=jax.random.key(seed))
+
+
+def hf_mask(q_len: int, kv_len: int, window: int | None = None, padding=None, q_offset: int = 0) -> np.ndarray:
+    """transformers' own boolean mask `[q, kv]` from its `masking_utils` mask functions
+    (`causal_mask_function`, `sliding_window_causal_mask_function`, `padding_mask_function`),
+    evaluated on index grids: an oracle independent of eqxlm's `attention_mask`.
+    `padding`: 1 = real key, one entry per key; `q_offset`: the first query's index."""
+    from transformers import masking_utils as mu
+
+    fns = [mu.causal_mask_function if window is None else mu.sliding_window_causal_mask_function(window)]
+    if padding is not None:
+        fns.append(mu.padding_mask_function(torch.tensor(np.asarray(padding), dtype=torch.bool)[None]))
+    q = torch.arange(q_len)[:, None] + q_offset
+    kv = torch.arange(kv_len)[None, :]
+    return mu.and_masks(*fns)(torch.tensor(0), torch.tensor(0), q, kv).numpy()

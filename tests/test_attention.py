@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import LAYER_ATOL, PART_ATOL
-from hf import additive_mask, copy_from_torch, hf_config
+from hf import additive_mask, copy_from_torch, hf_config, hf_mask
 from transformers.models.bloom.modeling_bloom import BloomAttention as TorchBloomAttention
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding, eager_attention_forward, repeat_kv
 from transformers.models.mistral.modeling_mistral import MistralAttention
 
 import eqxlm
-from eqxlm.nn import ALiBi, Attention, RotaryEmbedding, attention_frames, attention_mask, dot_product_attention
+from eqxlm.nn import ALiBi, Attention, RotaryEmbedding, attention_frames, dot_product_attention
 from eqxlm.params import Fused, KeyMap
 
 RNG = np.random.default_rng(0)
@@ -77,8 +77,7 @@ def test_attention_module_matches_hf(cls, kind, window, overrides):
     x = _randn(seq, config.hidden_size)
     valid = np.array([False, False] + [True] * (seq - 2))  # left padding
     positions = np.maximum(np.cumsum(valid) - 1, 0) * valid
-    slots = jnp.arange(seq, dtype=jnp.int32)
-    mask = np.asarray(attention_mask(slots, jnp.where(jnp.asarray(valid), slots, -1), jnp.asarray(valid), window))
+    mask = hf_mask(seq, seq, window, padding=valid)  # transformers' masking_utils, not eqxlm's
     cos, sin = LlamaRotaryEmbedding(config)(torch.tensor(x), torch.tensor(positions)[None])
     with torch.no_grad():
         want, _ = ref(torch.tensor(x)[None], position_embeddings=(cos, sin), attention_mask=additive_mask(mask))
@@ -105,8 +104,7 @@ def test_bloom_attention_matches_hf_with_fused_per_head_qkv(heads):
     mask2d = np.array([[0, 1, 1, 1, 1, 1, 1, 1]])
     valid = mask2d[0].astype(bool)
     alibi = build_alibi_tensor(torch.tensor(mask2d), heads, torch.float32)
-    slots = jnp.arange(seq, dtype=jnp.int32)
-    mask = np.asarray(attention_mask(slots, jnp.where(jnp.asarray(valid), slots, -1), jnp.asarray(valid)))
+    mask = hf_mask(seq, seq, padding=valid)
     with torch.no_grad():
         want, want_w = ref(torch.tensor(x)[None], torch.zeros(1, seq, heads * 8), alibi, additive_mask(mask))
     positions = jnp.asarray(np.maximum(np.cumsum(valid) - 1, 0) * valid, jnp.int32)

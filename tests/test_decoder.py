@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import LAYER_ATOL
-from hf import additive_mask, copy_from_torch, hf_config
+from hf import additive_mask, copy_from_torch, hf_config, hf_mask
 from transformers.models.bloom.modeling_bloom import BloomBlock as TorchBloomBlock
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -12,7 +12,7 @@ from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 
 from eqxlm.models import BloomConfig, LlamaConfig, MistralConfig
 from eqxlm.models._builder import make_layer
-from eqxlm.nn import attention_frames, attention_mask
+from eqxlm.nn import attention_frames
 
 
 def _perturb(module):
@@ -44,8 +44,7 @@ def test_decoder_layer_matches_hf(cls, ours_config, window):
     ours = copy_from_torch(make_layer(ours_cfg.decoder_spec(), 0, jnp.float32, jax.random.key(0)), ref)
     seq = 8
     x = np.random.default_rng(0).normal(size=(seq, 32)).astype(np.float32)
-    slots = jnp.arange(seq, dtype=jnp.int32)
-    mask = np.asarray(attention_mask(slots, slots, None, window))
+    mask = hf_mask(seq, seq, window)  # transformers' masking_utils
     positions = np.arange(seq)
     cos_sin = LlamaRotaryEmbedding(config)(torch.tensor(x), torch.tensor(positions)[None])
     with torch.no_grad():
@@ -71,7 +70,7 @@ def test_bloom_block_matches_hf(post_ln, heads):
     slots = jnp.arange(seq, dtype=jnp.int32)
     alibi = build_alibi_tensor(torch.ones(1, seq, dtype=torch.long), heads, torch.float32)
     with torch.no_grad():
-        want, _ = ref(torch.tensor(x)[None], alibi, additive_mask(np.asarray(attention_mask(slots, slots))))
+        want, _ = ref(torch.tensor(x)[None], alibi, additive_mask(hf_mask(seq, seq)))
     (frame,), _ = attention_frames((None,), slots, jnp.ones(seq, bool))
     got, _, _ = ours(jnp.asarray(x), frame)
     np.testing.assert_allclose(np.asarray(got), want[0].numpy(), atol=LAYER_ATOL, rtol=0)

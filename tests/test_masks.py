@@ -1,6 +1,7 @@
 import jax.numpy as jnp
 import numpy as np
 import torch
+from hf import hf_mask
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
@@ -51,6 +52,7 @@ def test_mask_properties(case):
     seq, kv_seq, offset, valid, window = case
     q, k = _slots(offset, seq, kv_seq)
     mask = np.asarray(attention_mask(q, k, jnp.asarray(valid), window))
+    np.testing.assert_array_equal(mask, hf_mask(seq, kv_seq, window, padding=valid, q_offset=offset))  # masking_utils
     future = np.asarray(k)[None, :] > np.asarray(q)[:, None]
     assert not (mask & future).any(), "a query saw a future key"
     assert not (mask & ~valid[None, :]).any(), "a query saw a padded key"
