@@ -211,8 +211,7 @@ def test_per_head_weighted_qk_norm_and_interleaved_rotary_match_cohere_attention
     # the whole module
     valid = np.ones(7, bool)
     positions = np.arange(7)
-    slots = jnp.arange(7, dtype=jnp.int32)
-    mask = np.asarray(attention_mask(slots, slots, jnp.asarray(valid), None))
+    mask = hf_mask(7, 7, padding=valid)  # transformers' masking_utils, not eqxlm's
     cos, sin = CohereRotaryEmbedding(config)(torch.tensor(x), torch.tensor(positions)[None])
     with torch.no_grad():
         want, _ = ref(torch.tensor(x)[None], position_embeddings=(cos, sin), attention_mask=additive_mask(mask))

@@ -81,6 +81,52 @@ EXPECTED = {
     },
 }
 
+_SANDWICH = {**_RMS, "attn_out_norm.weight": REPLICATED, "mlp_out_norm.weight": REPLICATED}
+_POST = {"attn_out_norm.weight": REPLICATED, "mlp_out_norm.weight": REPLICATED, "model.norm.weight": REPLICATED}
+_QK_NORM = {"self_attn.q_norm.weight": REPLICATED, "self_attn.k_norm.weight": REPLICATED}
+_O_BIAS = {"self_attn.o_proj.bias": REPLICATED}
+EXPECTED.update(
+    {
+        "qwen3": {**_EMBED, **_ATTN, **_ATTN_BIASES, **_O_BIAS, **_QK_NORM, **_GATED, **_RMS, **_HEAD},
+        "gemma2": {**_EMBED, **_ATTN, **_GATED, **_SANDWICH},  # tied head
+        "gemma3_text": {**_EMBED, **_ATTN, **_QK_NORM, **_GATED, **_SANDWICH},  # tied head
+        "olmo2": {**_EMBED, **_ATTN, **_QK_NORM, **_GATED, **_POST, **_HEAD},
+        "granite": {**_EMBED, **_ATTN, **_GATED, **_RMS, **_HEAD},
+        "phi3": {**_EMBED, **_ATTN, **_GATED, **_RMS, **_HEAD},
+        "starcoder2": {**_EMBED, **_ATTN, **_ATTN_BIASES, **_O_BIAS, **_MLP_BIASED, **_LN},  # tied head
+        "phi": {
+            **_EMBED,
+            **_ATTN,
+            **_ATTN_BIASES,
+            **_O_BIAS,
+            "self_attn.q_norm.weight": REPLICATED,
+            "self_attn.q_norm.bias": REPLICATED,
+            "self_attn.k_norm.weight": REPLICATED,
+            "self_attn.k_norm.bias": REPLICATED,
+            **_MLP_BIASED,
+            "input_layernorm.weight": REPLICATED,
+            "input_layernorm.bias": REPLICATED,
+            "model.norm.weight": REPLICATED,
+            "model.norm.bias": REPLICATED,
+            **_HEAD,
+            "lm_head.bias": SPLIT_BIAS,
+        },
+        # Cohere's per-head q/k norm weights are (heads, head_dim): replicated whole.
+        "cohere": {
+            **_EMBED,
+            **_ATTN,
+            "self_attn.q_norm.weight": P(None, None),
+            "self_attn.k_norm.weight": P(None, None),
+            **_GATED,
+            "input_layernorm.weight": REPLICATED,
+            "model.norm.weight": REPLICATED,
+        },
+    }
+)
+#: Mixtures of experts split their stacked experts axis (expert parallelism), which this per-layer
+#: table does not express; tests/test_moe.py and the 8-device family test check their placement.
+MOE_FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+
 # Bytes per device over total / 8 on this mesh, measured: llama and mistral 1.048, gemma 1.043,
 # qwen2 1.067, bloom 1.172, gpt_neox 1.182, gpt2 1.213 (replicated norms and biases, which are
 # a large share of these tiny models).
@@ -102,7 +148,7 @@ def _kind(name: str) -> str:
 
 
 def test_every_family_has_a_row():
-    assert sorted(EXPECTED) == sorted(eqxlm.supported_model_types())
+    assert sorted([*EXPECTED, *MOE_FAMILIES]) == sorted(eqxlm.supported_model_types())
 
 
 @pytest.mark.parametrize("family", sorted(EXPECTED))
