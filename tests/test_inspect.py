@@ -212,7 +212,7 @@ def test_names_checkpoint_names_and_where():
 
 
 def test_models_configs_and_captures_render_with_treescope_and_print_short():
-    treescope = pytest.importorskip("treescope")
+    import treescope  # in the test extra: a missing install fails, never skips
     model = eqxlm.from_pretrained("eqxlm/default")
     hooked = inspect.capture(model, "model.layers.1.self_attn.probs")
     _, acts = inspect.run(hooked, jnp.asarray(IDS))

@@ -9,9 +9,11 @@ import json
 import shutil
 
 import equinox as eqx
+import grain  # noqa: E402,F401
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint  # noqa: E402,F401  (in the test extra: a missing install fails, never skips)
 import pytest
 import torch
 from _train_fixtures import corpus, metrics, run_train, snapshot, tiny_llama
@@ -20,9 +22,6 @@ from conftest import LOGITS_ATOL
 import eqxlm
 from eqxlm.train import DataError, TrainConfig, TrainError, train
 from eqxlm.train import _loop as loop
-
-pytest.importorskip("orbax.checkpoint")
-pytest.importorskip("grain")
 
 ARGS = ["--seq-len", "32", "--batch-size", "4", "--learning-rate", "3e-3", "--eval-every", "5", "--no-progress", "--no-plot"]
 

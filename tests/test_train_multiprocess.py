@@ -13,13 +13,12 @@ Each process writes its own checkpoint shards and data-loader state. Marked slow
 
 import socket
 
+import grain  # noqa: E402,F401
 import numpy as np
+import orbax.checkpoint  # noqa: E402,F401  (in the test extra: a missing install fails, never skips)
 import pytest
 from _train_fixtures import corpus, metrics, run_train, tiny_llama
 from safetensors.numpy import load_file
-
-pytest.importorskip("orbax.checkpoint")
-pytest.importorskip("grain")
 
 
 def _popen(spec):

@@ -5,15 +5,14 @@ import json
 import subprocess
 import sys
 
+import grain  # noqa: E402,F401
 import numpy as np
+import orbax.checkpoint  # noqa: E402,F401  (in the test extra: a missing install fails, never skips)
 import pytest
 from _train_fixtures import REPO, corpus, tiny_llama
 
 import eqxlm
 from eqxlm.train import TrainConfig, complete_steps, train
-
-pytest.importorskip("orbax.checkpoint")
-pytest.importorskip("grain")
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,12 @@ Each run is a fresh process (`tests/train_driver.py` kills it at a chosen moment
 
 import shutil
 
+import grain  # noqa: E402,F401
+import orbax.checkpoint  # noqa: E402,F401  (in the test extra: a missing install fails, never skips)
 import pytest
 from _train_fixtures import corpus, metrics, run_train, tiny_llama
 
 from eqxlm.train import complete_steps
-
-pytest.importorskip("orbax.checkpoint")
-pytest.importorskip("grain")
 
 ARGS = ["--seq-len", "32", "--batch-size", "4", "--learning-rate", "3e-3", "--eval-every", "5", "--no-progress", "--no-plot"]
 
