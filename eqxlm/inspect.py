@@ -18,6 +18,8 @@ for families whose key map renames it (`transformer.h.3.self_attention` on BLOOM
 | `model.layers.i.self_attn.q` / `k` / `v` | after rotary, this block only (`seq heads head_dim`) |
 | `model.layers.i.self_attn.probs` | attention probabilities per head (`heads seq kv_seq`; capture only) |
 | `model.layers.i.self_attn.z` | each head's output before `o_proj` (`seq heads head_dim`) |
+| `model.layers.i.mlp.router_logits` | a mixture of experts' router logits (`seq experts`; patching them re-routes) |
+| `model.layers.i.mlp.routing_weights` / `selected_experts` | the top-k weights and expert indices (`seq k`) |
 
 **Patches** replace a value (`value=`), add to it (`add=`, broadcasting: a steering vector
 of shape `(hidden,)` works at every step of `eqxlm.generate`), or apply a function (`fn=`).
@@ -52,9 +54,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .nn import Attention, DecoderLayer, LayerStack, _taps, feed_forward
+from .nn import Attention, DecoderLayer, LayerStack, SparseMoE, _taps, feed_forward
 
 ATTENTION_POINTS = ("q", "k", "v", "probs", "z")
+ROUTER_POINTS = ("router_logits", "routing_weights", "selected_experts")
 LAYER_POINTS = {"resid_pre": "input", "resid_post": "output", "resid_mid": "resid_mid"}
 
 
@@ -237,6 +240,12 @@ def _parse(model, name: str) -> tuple[str, str]:
                 f"{name}: {last!r} is a point of an attention module, and {module} is a {type(names[module]).__name__}."
             )
         return module, last
+    if last in ROUTER_POINTS and point == "output" and name not in names:
+        module = _translate(model, head, names)
+        if not isinstance(names[module], SparseMoE):
+            kind = type(names[module]).__name__
+            raise ValueError(f"{name}: {last!r} is a point of a mixture of experts, and {module} is a {kind}.")
+        return module, last
     return _translate(model, name, names), point
 
 
@@ -377,6 +386,17 @@ def patch(
     return _add(
         model, name, where, point, captures=False, patch_spec=PatchSpec("", mode, fn), value=value if value is not None else add
     )
+
+
+def router_points(model, points: Sequence[str] = ROUTER_POINTS) -> list[str]:
+    """The router capture names (`points` of [`ROUTER_POINTS`][]) of every mixture-of-experts
+    layer of `model`, in layer order; dense layers (Qwen2-MoE's `mlp_only_layers`) have none.
+
+        _, acts = inspect.run(inspect.capture(model, inspect.router_points(model)), ids)
+    """
+    names = [name for name, node in _module_names(model).items() if isinstance(node, SparseMoE)]
+    names.sort(key=lambda n: [int(t) if t.isdigit() else -1 for t in n.split(".")])  # layer order (scanned too)
+    return [f"{name}.{point}" for name in names for point in points]
 
 
 def run(model, *args, **kwargs) -> tuple[Any, dict[str, jax.Array]]:

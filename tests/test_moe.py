@@ -128,3 +128,61 @@ def test_load_balancing_loss(masked):
     )
     got = load_balancing_loss(jnp.asarray(logits).reshape(3, 2, 7, E), 2, jnp.asarray(mask) if masked else None)
     np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+
+
+# -- router outputs through a whole model (eqxlm.inspect) ------------------------------------
+ROUTED = {"mixtral": False, "qwen2_moe-step": False, "qwen3_moe": True, "olmoe-norm-top3": False}  # name: scanned
+
+
+@pytest.mark.parametrize("name", sorted(ROUTED))
+def test_router_outputs_of_every_layer_equal_transformers(name, tmp_path):
+    """`model.layers.i.mlp.router_logits` / `routing_weights` / `selected_experts`, captured by
+    `eqxlm.inspect`, equal transformers' `output_router_logits` (1e-5) and its top-k; in the
+    scanned layout too."""
+    import equinox as eqx
+    from families import CASES
+    from hf import hf_model, run_hf, save_hf
+
+    from eqxlm import inspect
+
+    family, overrides = CASES[name]
+    ref = hf_model(family, **overrides)
+    model = eqxlm.from_pretrained(save_hf(ref, tmp_path), scan_layers=ROUTED[name])
+    ids = np.random.default_rng(0).integers(0, ref.config.vocab_size, size=10)
+    want = run_hf(ref, ids[None], output_router_logits=True).router_logits
+    points = inspect.router_points(model)
+    sparse = sorted({int(p.split(".")[2]) for p in points})
+    assert len(sparse) == len(want) > 0 and len(points) == 3 * len(sparse)
+    _, acts = eqx.filter_jit(inspect.run)(inspect.capture(model, points), jnp.asarray(ids, jnp.int32))
+    k = ref.config.num_experts_per_tok
+    for i, logits in zip(sparse, want, strict=True):
+        logits = logits.reshape(len(ids), -1)
+        np.testing.assert_allclose(acts[f"model.layers.{i}.mlp.router_logits"], logits.numpy(), atol=1e-5, rtol=0)
+        probs = torch.softmax(logits.float(), dim=-1)
+        top, index = torch.topk(probs, k)
+        if getattr(ref.config, "norm_topk_prob", family == "mixtral"):
+            top = top / top.sum(-1, keepdim=True)
+        np.testing.assert_array_equal(acts[f"model.layers.{i}.mlp.selected_experts"], index.numpy())
+        np.testing.assert_allclose(acts[f"model.layers.{i}.mlp.routing_weights"], top.numpy(), atol=1e-6, rtol=0)
+
+
+def test_patching_router_logits_reroutes_the_tokens():
+    """Forcing every token of layer 0 to expert 2 (a patch on the router logits) selects it."""
+    import equinox as eqx
+
+    from eqxlm import inspect
+
+    config = eqxlm.MixtralConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    model = eqxlm.DecoderLM(config, key=jax.random.key(0))
+    forced = inspect.patch(model, "model.layers.0.mlp.router_logits", fn=lambda z: z.at[:, 2].set(1e4))
+    ids = jnp.arange(6, dtype=jnp.int32)
+    names = ["model.layers.0.mlp.selected_experts", "model.layers.0.mlp.routing_weights"]
+    _, acts = eqx.filter_jit(inspect.run)(inspect.capture(forced, names), ids)
+    np.testing.assert_array_equal(acts[names[0]][:, 0], 2)
+    np.testing.assert_allclose(acts[names[1]][:, 0], 1.0, atol=1e-6)
+    dense = eqxlm.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2)
+    with pytest.raises(ValueError, match="mixture of experts"):
+        inspect.capture(eqxlm.DecoderLM(dense, key=jax.random.key(0)), "model.layers.0.mlp.router_logits")

@@ -1,12 +1,42 @@
-"""Activation functions by their Hugging Face names (`hidden_act`), each as transformers computes it."""
+"""Activation functions by their Hugging Face names (`hidden_act`), each as transformers computes it.
+
+Two kinds, and the difference shows in bfloat16 and float16:
+
+- torch **kernels** (`silu`, `gelu`, `gelu(approximate="tanh")`, `relu`) evaluate in float32
+  and round once to the input dtype (torch's `opmath` for reduced floats, on CPU and GPU);
+  eqxlm does the same with [`in_float32`][];
+- transformers' **Python formulas** (`gelu_new`, `gelu_fast`, BLOOM's GELU) run op by op in
+  the input dtype, each op rounding; eqxlm writes the same formula in the same order.
+"""
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .._typing import typecheck
+
+
+def in_float32(fn: Callable) -> Callable:
+    """`fn` evaluated in float32 and cast back to the input's dtype (a no-op for float32),
+    as torch's element-wise kernels compute reduced-precision inputs."""
+
+    def wrapped(x):
+        if jnp.finfo(x.dtype).bits >= 32:
+            return fn(x)
+        return fn(x.astype(jnp.float32)).astype(x.dtype)
+
+    wrapped.__name__ = wrapped.__qualname__ = getattr(fn, "__name__", "activation")
+    wrapped.__doc__ = fn.__doc__
+    return wrapped
+
+
+@typecheck
+def silu(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
+    r"""torch's `silu` (HF `silu`/`swish`): $x\,\sigma(x)$, in float32 then cast back."""
+    return in_float32(jax.nn.silu)(x)
 
 
 @typecheck
@@ -30,14 +60,15 @@ def gelu_new(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
 
 @typecheck
 def gelu_exact(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
-    """The exact (erf) GELU, torch's `nn.functional.gelu` (HF `gelu`)."""
-    return jax.nn.gelu(x, approximate=False)
+    """The exact (erf) GELU, torch's `nn.functional.gelu` (HF `gelu`), in float32 then cast back."""
+    return in_float32(lambda y: jax.nn.gelu(y, approximate=False))(x)
 
 
 @typecheck
 def gelu_tanh(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
-    """torch's `gelu(approximate="tanh")` (HF `gelu_pytorch_tanh`, Gemma's `hidden_activation`)."""
-    return jax.nn.gelu(x, approximate=True)
+    """torch's `gelu(approximate="tanh")` (HF `gelu_pytorch_tanh`, Gemma's `hidden_activation`),
+    in float32 then cast back."""
+    return in_float32(lambda y: jax.nn.gelu(y, approximate=True))(x)
 
 
 @typecheck
@@ -48,8 +79,8 @@ def gelu_fast(x: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
 
 #: `hidden_act` names eqxlm implements, each matching transformers' `ACT2FN` entry.
 ACTIVATIONS = {
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
+    "silu": silu,
+    "swish": silu,
     "gelu": gelu_exact,
     "gelu_new": gelu_new,
     "gelu_pytorch_tanh": gelu_tanh,

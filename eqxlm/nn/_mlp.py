@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._typing import typecheck
+from ._activations import gelu_tanh, silu
 from ._linear import make_linear
 
 
@@ -31,7 +32,7 @@ class GatedMLP(eqx.Module):
         intermediate_size: int,
         *,
         use_bias: bool = False,
-        activation: Callable = jax.nn.silu,
+        activation: Callable = silu,
         dtype=jnp.float32,
         key: PRNGKeyArray,
     ):
@@ -66,7 +67,7 @@ class MLP(eqx.Module):
         intermediate_size: int,
         *,
         use_bias: bool = True,
-        activation: Callable = jax.nn.gelu,
+        activation: Callable = gelu_tanh,
         dtype=jnp.float32,
         key: PRNGKeyArray,
     ):

@@ -31,6 +31,7 @@ The selected experts' outputs are summed per token in ascending expert index, st
 zeros, as transformers' expert loop with `index_add_` does.
 """
 
+import functools
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -40,8 +41,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .._typing import typecheck
+from ._activations import in_float32, silu
 from ._linear import make_linear
 from ._mlp import GatedMLP
+from ._taps import tap
 
 DISPATCH = ("auto", "gather", "grouped", "dense")
 
@@ -62,6 +65,19 @@ def _expert_mlp(x, gate_w, up_w, down_w, activation):
     """One gated MLP on rows `x` with weights in `(out, in)` layout."""
     h = activation(x @ gate_w.T) * (x @ up_w.T)
     return h @ down_w.T
+
+
+@functools.partial(jax.jit, static_argnums=5)
+def _blocks_through_experts(blocks, block_expert, gate_w, up_w, down_w, activation):
+    """Each block of rows (`blocks`: `(n_blocks, block, hidden)`) through the expert that
+    `block_expert` names, one block per scan step. A module-level jitted function, so an
+    eager (unjitted) forward compiles it once per shape instead of once per call."""
+
+    def body(_, xs):
+        xb, i = xs
+        return None, _expert_mlp(xb, gate_w[i], up_w[i], down_w[i], activation)
+
+    return jax.lax.scan(body, None, (blocks, block_expert))[1]
 
 
 class SparseMoE(eqx.Module):
@@ -96,7 +112,7 @@ class SparseMoE(eqx.Module):
         *,
         normalize: bool = True,
         shared_intermediate_size: int | None = None,
-        activation: Callable = jax.nn.silu,
+        activation: Callable = silu,
         dispatch: str = "auto",
         block_size: int = 64,
         dtype=jnp.float32,
@@ -174,19 +190,21 @@ class SparseMoE(eqx.Module):
         rows = jnp.zeros((n_blocks * block, x.shape[1]), x.dtype).at[dest].set(x[order // k])
         block_exp = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(n_blocks) * block, side="right"), n_exp - 1)
         e = self.experts
-
-        def body(_, xs):
-            xb, i = xs
-            return None, _expert_mlp(xb, e.gate_proj.weight[i], e.up_proj.weight[i], e.down_proj.weight[i], e.activation)
-
-        _, out = jax.lax.scan(body, None, (rows.reshape(n_blocks, block, -1), block_exp))
+        out = _blocks_through_experts(
+            rows.reshape(n_blocks, block, -1), block_exp, e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight, e.activation
+        )
         out = out.reshape(n_blocks * block, -1)[dest]  # sorted pairs
         unsorted = jnp.zeros((n_pairs, x.shape[1]), x.dtype).at[order].set(out)
         return unsorted.reshape(seq, k, -1)
 
     @typecheck
-    def __call__(self, x: Float[Array, "seq hidden"]) -> Float[Array, "seq hidden"]:
-        _, weights, index = self.router(x)
+    def __call__(self, x: Float[Array, "seq hidden"], *, taps=None) -> Float[Array, "seq hidden"]:
+        """**Arguments:** `x`; `taps` (static, set by an `eqxlm.inspect` hook: the points
+        `router_logits` (`seq experts`, before routing: patching them re-routes),
+        `routing_weights` (`seq k`) and `selected_experts` (`seq k`, int32)). None = none."""
+        logits = tap(taps, "router_logits", x @ self.gate.weight.T)
+        weights, index = route(logits, self.top_k, self.normalize)
+        weights, index = tap(taps, "routing_weights", weights), tap(taps, "selected_experts", index)
         path = self.path(x.shape[0])
         contrib = {"gather": self._gather, "grouped": self._grouped, "dense": self._dense}[path](x, index)
         # sum in ascending expert index from zeros (transformers' loop over experts)
@@ -198,5 +216,5 @@ class SparseMoE(eqx.Module):
             out = out + (contrib[:, j] * weights[:, j, None]).astype(x.dtype)
         if self.shared_expert is not None:
             shared = jax.vmap(self.shared_expert)(x)
-            out = out + jax.nn.sigmoid(x @ self.shared_expert_gate.weight.T) * shared
+            out = out + in_float32(jax.nn.sigmoid)(x @ self.shared_expert_gate.weight.T) * shared
         return out
