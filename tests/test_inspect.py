@@ -109,24 +109,27 @@ def test_gradient_of_a_logit_wrt_an_activation_matches_a_hand_written_function(c
     _, acts = inspect.run(inspect.capture(model, "model.layers.0.resid_mid"), ids)
     h0 = acts["model.layers.0.resid_mid"]
 
-    def through_hooks(h):
+    def through_hooks(model, h):
         return inspect.patch(model, "model.layers.0.resid_mid", value=h)(ids).logits[-1, token]
 
-    spec = model.model.spec
-    frames, _ = attention_frames(spec.windows, jnp.arange(len(IDS), dtype=jnp.int32), jnp.ones(len(IDS), bool))
-    frame_of = dict(zip(spec.windows, frames, strict=True))
-    layers = _layers(model)
-
-    def by_hand(h):  # the rest of layer 0 (sequential, pre-norm), then the other layers and the head
-        first = layers[0]
+    def by_hand(model, h):  # the rest of layer 0 (sequential, pre-norm), then the other layers and the head
+        spec = model.model.spec
+        frames, _ = attention_frames(spec.windows, jnp.arange(len(IDS), dtype=jnp.int32), jnp.ones(len(IDS), bool))
+        frame_of = dict(zip(spec.windows, frames, strict=True))
+        first, *rest = _layers(model)
         b = jax.vmap(first.post_attention_layernorm)(h)
         x = (b if first.residual_from_norm else h) + feed_forward(first.mlp, b)
-        for layer in layers[1:]:
+        for layer in rest:
             x, _, _ = layer(x, frame_of[layer.self_attn.sliding_window])
         return model.logits(jax.vmap(model.model.norm)(x))[-1, token]
 
-    np.testing.assert_allclose(jax.grad(through_hooks)(h0), jax.grad(by_hand)(h0), atol=1e-5)
-    assert float(jnp.abs(jax.grad(by_hand)(h0)).max()) > 0
+    # jitted with the model as an argument (eager gradients of a whole model are slow)
+    def grad(f):
+        return eqx.filter_jit(lambda m, h: jax.grad(lambda x: f(m, x))(h))(model, h0)
+
+    want = grad(by_hand)
+    np.testing.assert_allclose(grad(through_hooks), want, atol=1e-5)
+    assert float(jnp.abs(want).max()) > 0
 
 
 def test_queries_and_keys_after_rotary_give_the_captured_probabilities(case):
@@ -213,6 +216,7 @@ def test_names_checkpoint_names_and_where():
 
 def test_models_configs_and_captures_render_with_treescope_and_print_short():
     import treescope  # in the test extra: a missing install fails, never skips
+
     model = eqxlm.from_pretrained("eqxlm/default")
     hooked = inspect.capture(model, "model.layers.1.self_attn.probs")
     _, acts = inspect.run(hooked, jnp.asarray(IDS))

@@ -1,5 +1,6 @@
 """Model logits against transformers (PyTorch) on tiny random checkpoints, float32 within 1e-4."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,6 +34,12 @@ CASES = {
 }
 
 
+# Jitted calls with shared shapes (eager op-by-op dispatch of a model is several times slower).
+forward = eqx.filter_jit(lambda m, ids, mask: jax.vmap(m)(ids, mask).logits)
+inside = eqx.filter_jit(lambda m, ids: m(ids, output_hidden_states=True, output_attentions=True))
+base_hidden = eqx.filter_jit(lambda m, ids: m.base_model(ids).last_hidden_state)
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
 def pair(request, tmp_path_factory):
     kind, overrides = CASES[request.param]
@@ -43,17 +50,11 @@ def pair(request, tmp_path_factory):
 
 def test_logits_match(pair):
     name, ref, ours = pair
-    ids = np.random.default_rng(0).integers(0, 96, size=(2, 20))
+    ids = np.random.default_rng(0).integers(0, 96, size=(3, 12))
     want = run_hf(ref, ids).logits.numpy()
-    got = np.asarray(eqx_jit(ours)(jnp.asarray(ids, jnp.int32)).logits)
+    got = np.asarray(forward(ours, jnp.asarray(ids, jnp.int32), jnp.ones(ids.shape, jnp.int32)))
     np.testing.assert_allclose(got, want, atol=LOGITS_ATOL, rtol=0)
     assert np.abs(want).max() > 1.0  # logits large enough for the tolerance to mean something
-
-
-def eqx_jit(model):
-    import equinox as eqx
-
-    return eqx.filter_jit(lambda ids: jax.vmap(model)(ids))
 
 
 def test_left_padded_batch_matches_hf_with_position_ids(pair):
@@ -68,10 +69,13 @@ def test_left_padded_batch_matches_hf_with_position_ids(pair):
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0) * mask
     kwargs = {} if name.startswith("bloom") else {"position_ids": positions}
     want = run_hf(ref, ids, mask, **kwargs).logits.numpy()
-    got = np.asarray(jax.vmap(ours)(jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)).logits)
+    got = np.asarray(forward(ours, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)))
     real = mask.astype(bool)
     np.testing.assert_allclose(got[real], want[real], atol=LOGITS_ATOL, rtol=0)
-    unpadded = np.asarray(ours(jnp.asarray(ids[2, 9:], jnp.int32)).logits)
+    # the last row's 3 real tokens alone, at the start of a row (padding after them is never seen)
+    alone = np.zeros_like(ids)
+    alone[:, :3] = ids[2, 9:]
+    unpadded = np.asarray(forward(ours, jnp.asarray(alone, jnp.int32), jnp.asarray(np.ones_like(ids))))[0, :3]
     np.testing.assert_allclose(got[2, 9:], unpadded, atol=LOGITS_ATOL, rtol=0)
 
 
@@ -79,14 +83,14 @@ def test_hidden_states_and_attentions_match(pair):
     name, ref, ours = pair
     ids = np.random.default_rng(2).integers(0, 96, size=(1, 9))
     want = run_hf(ref, ids, output_hidden_states=True, output_attentions=True)
-    got = ours(jnp.asarray(ids[0], jnp.int32), output_hidden_states=True, output_attentions=True)
+    got = inside(ours, jnp.asarray(ids[0], jnp.int32))
     assert len(got.hidden_states) == len(want.hidden_states)
     for g, w in zip(got.hidden_states, want.hidden_states, strict=True):
         np.testing.assert_allclose(np.asarray(g), w[0].numpy(), atol=LOGITS_ATOL, rtol=0)
     if want.attentions:  # transformers 5 records attentions for eager attention
         for g, w in zip(got.attentions, want.attentions, strict=True):
             np.testing.assert_allclose(np.asarray(g), w[0].numpy(), atol=1e-5, rtol=0)
-    plain = ours(jnp.asarray(ids[0], jnp.int32))
+    plain = eqx.filter_eval_shape(ours, jnp.asarray(ids[0], jnp.int32))
     assert plain.hidden_states is None and plain.attentions is None
 
 
@@ -95,7 +99,7 @@ def test_base_model_returns_final_hidden_states(pair):
     ids = np.random.default_rng(3).integers(0, 96, size=(1, 6))
     base_ref = ref.transformer if name.startswith("bloom") else ref.model
     want = run_hf(base_ref, ids).last_hidden_state[0].numpy()
-    got = ours.base_model(jnp.asarray(ids[0], jnp.int32)).last_hidden_state
+    got = base_hidden(ours, jnp.asarray(ids[0], jnp.int32))
     assert isinstance(ours.base_model, eqxlm.models.Decoder)
     np.testing.assert_allclose(np.asarray(got), want, atol=LOGITS_ATOL, rtol=0)
 
@@ -104,7 +108,7 @@ def test_random_init_from_config_and_types():
     model = tiny_mistral()
     assert isinstance(model, eqxlm.DecoderLM) and isinstance(model, eqxlm.AbstractCausalLM)
     assert isinstance(model.config, eqxlm.MistralConfig) and model.model.layers[0].self_attn.sliding_window == 8
-    assert model(jnp.arange(5, dtype=jnp.int32)).logits.shape == (5, 64)
+    assert eqx.filter_eval_shape(model, jnp.arange(5, dtype=jnp.int32)).logits.shape == (5, 64)
     std = float(jnp.std(model.model.layers[0].self_attn.q_proj.weight))
     assert 0.015 < std < 0.025  # HF's N(0, initializer_range) initialisation
 
@@ -118,8 +122,6 @@ def test_token_id_out_of_range_is_an_error():
 
 def test_model_surgery_with_tree_at():
     """Parts recombine: swap rotary for ALiBi in a Mistral layer with eqx.tree_at."""
-    import equinox as eqx
-
     config = eqxlm.MistralConfig(
         vocab_size=32,
         hidden_size=16,
@@ -134,5 +136,6 @@ def test_model_surgery_with_tree_at():
     swapped = eqx.tree_at(lambda m: m.model.layers[0].self_attn.position_scheme, model, eqxlm.nn.ALiBi(2))
     assert isinstance(swapped.model.layers[0].self_attn.position_scheme, eqxlm.nn.ALiBi)
     assert isinstance(attn.position_scheme, eqxlm.nn.RotaryEmbedding)
-    out = swapped(jnp.arange(6, dtype=jnp.int32)).logits
-    assert out.shape == (6, 32) and not np.allclose(np.asarray(out), np.asarray(model(jnp.arange(6, dtype=jnp.int32)).logits))
+    logits = eqx.filter_jit(lambda m, ids: m(ids).logits)
+    out = logits(swapped, jnp.arange(6, dtype=jnp.int32))
+    assert out.shape == (6, 32) and not np.allclose(np.asarray(out), np.asarray(logits(model, jnp.arange(6, dtype=jnp.int32))))

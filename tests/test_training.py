@@ -9,7 +9,9 @@ from hf import hf_model, save_hf, tiny_mistral
 
 import eqxlm
 from eqxlm.training import (
-    batch_loss,
+    batch_loss as _batch_loss,
+)
+from eqxlm.training import (
     evaluate,
     make_optimizer,
     random_batches,
@@ -18,6 +20,10 @@ from eqxlm.training import (
     train_step,
     unremat_layers,
 )
+
+# jitted in the tests: eager op-by-op dispatch (and eager gradients) of a model is several
+# times slower for one-off calls
+batch_loss = eqx.filter_jit(_batch_loss)
 
 
 def _tiny(seed=0):
@@ -55,7 +61,7 @@ def test_train_steps_reduce_the_loss_on_a_repeated_text():
 def test_remat_gives_the_same_loss_and_gradients():
     model = _tiny()
     ids = jnp.asarray(np.random.default_rng(2).integers(0, 48, size=(2, 16)), jnp.int32)
-    grad = eqx.filter_grad(batch_loss)
+    grad = eqx.filter_jit(eqx.filter_grad(_batch_loss))
     plain, checkpointed = grad(model, ids), unremat_layers(grad(remat_layers(model), ids))
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(checkpointed), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
