@@ -239,6 +239,14 @@ DEFAULT_RULES: tuple[tuple[str, tuple], ...] = (
     # the router and the shared expert's gate are replicated
     (r"experts\.\d+\.(gate_proj|up_proj|down_proj)\.weight$", ("tensor", None, "fsdp")),
     (r"(^|\.)(gate|shared_expert_gate)\.weight$", (None, None)),
+    # LoRA adapters (`eqxlm.lora`): A `(r, in)` split as its base weight's input dimension,
+    # B `(out, r)` as its output dimension, the rank unsplit (an expert's adapters follow it)
+    (r"experts\.\d+\.(gate_proj|up_proj|down_proj)\.lora_A$", ("tensor", None, "fsdp")),
+    (r"experts\.\d+\.(gate_proj|up_proj|down_proj)\.lora_B$", ("tensor", None, None)),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.lora_A$", (None, "fsdp")),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.lora_B$", ("tensor", None)),
+    (r"(o_proj|down_proj)\.lora_A$", (None, "tensor")),
+    (r"(o_proj|down_proj)\.lora_B$", ("fsdp", None)),
     # column-parallel projections: (out = heads x head_dim | intermediate, in = hidden)
     (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$", ("tensor", "fsdp")),
     (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.bias$", ("tensor",)),

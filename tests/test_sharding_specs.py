@@ -192,3 +192,41 @@ def test_bytes_per_device_near_total_over_devices(family):
     assert mem["bytes_total"] == sum(math.prod(ref.shape) * 4 for ref in param_refs(model))
     factor = mem["bytes_per_device"] / (mem["bytes_total"] / 8)
     assert 1.0 <= factor <= MAX_FACTOR, factor
+
+
+LORA_EXPECTED = {
+    # A (r, in) split as its base weight's input dimension, B (out, r) as its output dimension
+    "self_attn.q_proj.lora_A": P(None, "fsdp"),
+    "self_attn.q_proj.lora_B": P("tensor", None),
+    "self_attn.v_proj.lora_A": P(None, "fsdp"),
+    "self_attn.v_proj.lora_B": P("tensor", None),
+    "self_attn.o_proj.lora_A": P(None, "tensor"),
+    "self_attn.o_proj.lora_B": P("fsdp", None),
+    "mlp.up_proj.lora_A": P(None, "fsdp"),
+    "mlp.up_proj.lora_B": P("tensor", None),
+    "mlp.down_proj.lora_A": P(None, "tensor"),
+    "mlp.down_proj.lora_B": P("fsdp", None),
+}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_lora_adapters_split_as_their_base_weights(family):
+    """`eqxlm.lora` adapters on attention and MLP projections: the base weights keep their
+    specs, each A and B is split along the dimension it shares with its base weight."""
+    from eqxlm import lora
+
+    config_class, _ = lookup(family)
+    config = config_class.from_hf(hf_config(family, **_FIRST.get(family, {})).to_dict())
+    targets = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    model = eqx.filter_eval_shape(
+        lambda: lora.add_adapters(
+            eqxlm.DecoderLM(config, key=jax.random.key(0)), lora.LoraConfig(r=4, target_modules=targets), key=jax.random.key(1)
+        )
+    )
+    by_leaf = leaf_specs(model, MESH, model.partition_rules())
+    specs = {ref.name: by_leaf[ref.leaf] for ref in param_refs(model)}
+    adapters = {name: spec for name, spec in specs.items() if ".lora_" in name}
+    assert adapters and {_kind(n) for n in adapters} == set(LORA_EXPECTED)
+    assert {n: s for n, s in adapters.items() if s != LORA_EXPECTED[_kind(n)]} == {}
+    base = EXPECTED.get(family, {})
+    assert all(specs[n] == base[_kind(n)] for n in specs if ".lora_" not in n and _kind(n) in base)
