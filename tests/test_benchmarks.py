@@ -4,9 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_quick_benchmark_prints_its_table(tmp_path):
     out = subprocess.run(
         [

@@ -72,6 +72,8 @@ def _script(tmp_path, name, *extra):
     return json.loads((tmp_path / name / "training_log.json").read_text())
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_training_script_is_deterministic_for_its_seed(tmp_path):
     a = _script(tmp_path, "a", "--steps", "6", "--batch-size", "4")
     b = _script(tmp_path, "b", "--steps", "6", "--batch-size", "4")

@@ -203,6 +203,8 @@ def sharded(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # compiles for 8 devices: in CI's second step
 @pytest.mark.parametrize("name", RICH)
 def test_sharded_on_8_devices_equals_one_device(sharded, name):
     """`eqxlm.shard` and `from_pretrained(mesh=...)` on a 2 (fsdp) x 4 (tensor) mesh of 8 CPU

@@ -23,6 +23,7 @@ FAMILIES = {
 }
 IDS = np.array([3, 17, 5, 40, 22, 9, 1, 33])
 OTHER = np.array([8, 2, 71, 14, 60, 5, 19, 44])
+run = eqx.filter_jit(inspect.run)  # one compile per hooked model: eager dispatch is several times slower
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -68,7 +69,7 @@ def test_unhooked_model_traces_to_the_same_program(case):
 
 def test_patching_a_layer_output_with_another_prompts_value_is_a_two_pass_computation(case):
     _, _, model = case
-    _, acts = inspect.run(inspect.capture(model, "model.layers.0"), jnp.asarray(OTHER))
+    _, acts = run(inspect.capture(model, "model.layers.0"), jnp.asarray(OTHER))
     patched = inspect.patch(model, "model.layers.0", value=acts["model.layers.0"])
     got = patched(jnp.asarray(IDS)).logits
     # by hand: the other prompt's layer-0 output, then the remaining layers on this prompt's frames
@@ -90,9 +91,9 @@ def test_ablating_a_head_removes_exactly_its_share_of_the_attention_output(case)
     _, _, model = case
     head, ids = 1, jnp.asarray(IDS)
     names = ["model.layers.0.self_attn.z", "model.layers.0.self_attn", "model.layers.1.resid_pre"]
-    _, clean = inspect.run(inspect.capture(model, names), ids)
+    _, clean = run(inspect.capture(model, names), ids)
     ablated = inspect.patch(model, "model.layers.0.self_attn.z", fn=lambda z: z.at[:, head].set(0.0))
-    _, dirty = inspect.run(inspect.capture(ablated, names), ids)
+    _, dirty = run(inspect.capture(ablated, names), ids)
     attn = _layers(model)[0].self_attn
     d = attn.head_dim
     z = clean["model.layers.0.self_attn.z"]
@@ -106,7 +107,7 @@ def test_ablating_a_head_removes_exactly_its_share_of_the_attention_output(case)
 def test_gradient_of_a_logit_wrt_an_activation_matches_a_hand_written_function(case):
     _, _, model = case
     ids, token = jnp.asarray(IDS), 7
-    _, acts = inspect.run(inspect.capture(model, "model.layers.0.resid_mid"), ids)
+    _, acts = run(inspect.capture(model, "model.layers.0.resid_mid"), ids)
     h0 = acts["model.layers.0.resid_mid"]
 
     def through_hooks(model, h):
@@ -135,7 +136,7 @@ def test_gradient_of_a_logit_wrt_an_activation_matches_a_hand_written_function(c
 def test_queries_and_keys_after_rotary_give_the_captured_probabilities(case):
     _, _, model = case
     point = "model.layers.0.self_attn"
-    _, acts = inspect.run(inspect.capture(model, [f"{point}.q", f"{point}.k", f"{point}.probs"]), jnp.asarray(IDS))
+    _, acts = run(inspect.capture(model, [f"{point}.q", f"{point}.k", f"{point}.probs"]), jnp.asarray(IDS))
     q, k = acts[f"{point}.q"], acts[f"{point}.k"]
     k = jnp.repeat(k, q.shape[1] // k.shape[1], axis=1)
     scores = jnp.einsum("shd,thd->hst", q, k) / np.sqrt(q.shape[-1])
@@ -157,7 +158,7 @@ def test_mlp_neurons_captured_inside_the_token_wise_block(case):
         with pytest.raises(ValueError, match="takes the whole sequence"):
             inspect.capture(model, f"{point}.experts.down_proj:input")
         return
-    _, acts = inspect.run(inspect.capture(model, [f"{point}.down_proj:input", f"{point}:input"]), jnp.asarray(IDS))
+    _, acts = run(inspect.capture(model, [f"{point}.down_proj:input", f"{point}:input"]), jnp.asarray(IDS))
     mlp = _layers(model)[1].mlp
     x = acts[f"{point}:input"]
     if isinstance(mlp, eqxlm.nn.GatedMLP):
@@ -173,7 +174,7 @@ def test_vmap_and_jit_over_a_batch(case):
     batch = jnp.asarray(np.stack([IDS, OTHER]))
     _, acts = eqx.filter_jit(jax.vmap(inspect.run, in_axes=(None, 0)))(hooked, batch)
     for row in range(2):
-        _, one = inspect.run(hooked, batch[row])
+        _, one = run(hooked, batch[row])
         np.testing.assert_allclose(acts["model.layers.1.self_attn.v"][row], one["model.layers.1.self_attn.v"], atol=1e-5)
 
 
@@ -198,9 +199,9 @@ def test_names_checkpoint_names_and_where():
     with tempfile.TemporaryDirectory() as tmp:
         model = eqxlm.from_pretrained(save_hf(ref, tmp))
     ids = jnp.asarray(IDS)
-    _, a = inspect.run(inspect.capture(model, "transformer.h.1.self_attention.dense"), ids)
-    _, b = inspect.run(inspect.capture(model, "model.layers.1.self_attn.o_proj"), ids)
-    _, c = inspect.run(inspect.capture(model, where=lambda m: m.model.layers[1].self_attn.o_proj), ids)
+    _, a = run(inspect.capture(model, "transformer.h.1.self_attention.dense"), ids)
+    _, b = run(inspect.capture(model, "model.layers.1.self_attn.o_proj"), ids)
+    _, c = run(inspect.capture(model, where=lambda m: m.model.layers[1].self_attn.o_proj), ids)
     np.testing.assert_array_equal(a["transformer.h.1.self_attention.dense"], b["model.layers.1.self_attn.o_proj"])
     np.testing.assert_array_equal(c["model.layers.1.self_attn.o_proj"], b["model.layers.1.self_attn.o_proj"])
     with pytest.raises(ValueError, match="query_key_value.*q_proj, k_proj, v_proj"):
@@ -219,7 +220,7 @@ def test_models_configs_and_captures_render_with_treescope_and_print_short():
 
     model = eqxlm.from_pretrained("eqxlm/default")
     hooked = inspect.capture(model, "model.layers.1.self_attn.probs")
-    _, acts = inspect.run(hooked, jnp.asarray(IDS))
+    _, acts = run(hooked, jnp.asarray(IDS))
     for thing in (model, model.config, acts, hooked):
         assert "<" in treescope.render_to_html(thing)
     text = repr(model)

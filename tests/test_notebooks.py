@@ -74,6 +74,8 @@ def test_committed_outputs_show_the_claims_holding(path):
     _check_claims(path.stem, _printed(nbformat.read(path, as_version=4)))
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, monkeypatch):
     monkeypatch.setenv("EQXLM_QUICK", "1")

@@ -173,13 +173,16 @@ def test_longrope_cached_call_crossing_the_switch_point_is_refused_by_name():
             "original_max_position_embeddings": 6, "rope_parameters": scaling,
         }
     )  # fmt: skip
+    import equinox as eqx
+
     model = eqxlm.DecoderLM(config, key=jax.random.key(0))
+    call = eqx.filter_jit(lambda m, ids, cache=None: m(ids, cache=cache))  # eager dispatch is slow
     ids = jnp.arange(10, dtype=jnp.int32)
-    out = model(ids[:4], cache=model.init_cache(12))  # 4 tokens: short factors
-    out = model(ids[4:6], cache=out.cache)  # 6 tokens: still short
+    out = call(model, ids[:4], model.init_cache(12))  # 4 tokens: short factors
+    out = call(model, ids[4:6], out.cache)  # 6 tokens: still short
     with pytest.raises(Exception, match="longrope"):
-        model(ids[6:7], cache=out.cache)  # the 7th token would switch to long factors
-    long = model(ids[:8], cache=model.init_cache(12))  # prefilled past the switch: long from the start
-    step = model(ids[8:9], cache=long.cache)
-    full = model(ids[:9]).logits
+        call(model, ids[6:7], out.cache)  # the 7th token would switch to long factors
+    long = call(model, ids[:8], model.init_cache(12))  # prefilled past the switch: long from the start
+    step = call(model, ids[8:9], long.cache)
+    full = call(model, ids[:9]).logits
     np.testing.assert_allclose(np.asarray(step.logits[0]), np.asarray(full[8]), atol=1e-5, rtol=0)

@@ -2,9 +2,10 @@
 
 The devices must exist before JAX starts, so the work runs in a fresh process
 (`tests/sharding_worker.py`, with XLA_FLAGS=--xla_force_host_platform_device_count=8) and this
-module checks what it measured. Each compile on 8 devices is slow on 2 cores, so the default
-suite runs every architecture and every mesh once (llama on all three meshes, the other
-architectures on one each) and the `slow` marker runs the rest of the 4 x 3 matrix."""
+module checks what it measured. Each compile on 8 devices is slow on 2 cores, so these are `slow`
+checks that CI runs in its second step (`-m "slow and ci"`): every architecture and every mesh
+once (llama on all three meshes, the other architectures on one each); `test_rest_of_the_matrix`
+(plain `slow`) runs the rest of the 4 x 3 matrix."""
 
 import json
 import os
@@ -46,7 +47,11 @@ def _check(r, case):
     assert "MiB of parameters per device" in r["memory"]
 
 
-@pytest.mark.parametrize("case", CASES)
+# Compiling for 8 devices on 2 cores takes minutes: these run in CI's second step (`slow and ci`).
+CI = [pytest.mark.slow, pytest.mark.ci]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=CI) for c in CASES])
 def test_sharded_matches_single_device(measured, case):
     _check(measured[case], case)
 
@@ -58,12 +63,16 @@ def test_rest_of_the_matrix(tmp_path):
         _check(results[case], case)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_indivisible_rule_names_parameter_dimension_and_axis(measured):
     message = measured["indivisible_error"]
     assert message is not None
     assert "q_proj.weight" in message and "dimension 0" in message and "'tensor'" in message
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_memory_estimate_on_an_abstract_model_matches_the_placed_shards(measured):
     m = measured["memory_estimate"]
     assert m["total"] == m["params_bytes"]

@@ -35,6 +35,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 @pytest.mark.parametrize(
     "mesh, bitwise",
     [("data=8 --fixed-order-reductions", True), ("data=2,fsdp=2,tensor=2", False)],

@@ -42,7 +42,7 @@ def _losses(rows):
 @pytest.mark.parametrize(
     "driver, complete",
     [
-        pytest.param(["kill-before-step", "7", "4"], [4], marks=pytest.mark.slow),  # ~35 s more
+        pytest.param(["kill-before-step", "7", "4"], [4], marks=[pytest.mark.slow, pytest.mark.ci]),  # ~35 s more
         (["kill-in-finalize", "8"], [4]),
     ],
     ids=["killed-between-checkpoints", "killed-while-finalizing-a-checkpoint"],
