@@ -24,6 +24,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from ._inputs import as_mask, as_token_ids, check_length
 from ._typing import typecheck
 from .models import AbstractCausalLM, broadcast_cache
+from .nn import _taps
 
 MIN_BUCKET = 16
 
@@ -87,6 +88,7 @@ def _generate(
     do_sample: bool,
     streamer: Callable | None,
     mesh,
+    capture: bool = False,
 ):
     batch, prompt = input_ids.shape
     base = model.base_model
@@ -100,35 +102,69 @@ def _generate(
         if streamer is not None:
             io_callback(lambda t: streamer(np.asarray(t)), None, tokens, ordered=True)
 
-    def step_logits(ids, mask, cache):
-        out = jax.vmap(lambda i, m, c: base(i, m, cache=c))(ids, mask, cache)
-        logits = jax.vmap(lambda h: model.logits(h[-1:])[0])(out.last_hidden_state)
-        return logits, out.cache
+    def step_logits(ids, mask, cache, keys=None):
+        """Next-token logits and the new cache; with `capture`, also the values `eqxlm.inspect`
+        hooks recorded (collected inside the vmap and returned as outputs; their keys go to `keys`)."""
 
-    logits, cache = step_logits(input_ids, attention_mask, cache)
+        def one(i, m, c):
+            if not capture:
+                out = base(i, m, cache=c)
+                return model.logits(out.last_hidden_state[-1:])[0], out.cache, ()
+            with _taps.collecting() as got:
+                out = base(i, m, cache=c)
+                logits = model.logits(out.last_hidden_state[-1:])[0]
+            keys[:] = list(got)
+            return logits, out.cache, tuple(got[k] for k in keys)
+
+        return jax.vmap(one)(ids, mask, cache)
+
+    prefill_keys, step_keys = [], []
+    logits, cache, prefilled = step_logits(input_ids, attention_mask, cache, prefill_keys)
     key, sub = jax.random.split(key)
     token = _select(logits, sub, do_sample, temperature, top_k, top_p)
     done = jnp.isin(token, eos)
     tokens = jnp.full((batch, buffer), pad, jnp.int32).at[:, 0].set(token)
     emit(token)
+    ones = jnp.ones((batch, 1), bool)
+    # with `capture`: one buffer per captured value, `(batch, buffer, ...)`, step `i` at `i - 1`
+    shapes = jax.eval_shape(lambda c: step_logits(token[:, None], ones, c, step_keys)[2], cache) if capture else ()
+    captured = tuple(jnp.zeros((batch, buffer, *s.shape[1:]), s.dtype) for s in shapes)
 
     def cond(carry):
-        i, _, _, _, done, _ = carry
+        i, _, _, _, done, _, _ = carry
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        i, tokens, cache, token, done, key = carry
-        ones = jnp.ones((batch, 1), bool)
-        logits, cache = step_logits(token[:, None], ones, cache)
+        i, tokens, cache, token, done, key, captured = carry
+        logits, cache, values = step_logits(token[:, None], ones, cache, step_keys)
+        captured = tuple(jax.lax.dynamic_update_index_in_dim(b, v, i - 1, axis=1) for b, v in zip(captured, values, strict=True))
         key, sub = jax.random.split(key)
         token = jnp.where(done, pad, _select(logits, sub, do_sample, temperature, top_k, top_p))
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, i))
         emit(token)
-        return i + 1, tokens, cache, token, done | jnp.isin(token, eos), key
+        return i + 1, tokens, cache, token, done | jnp.isin(token, eos), key, captured
 
-    carry = (jnp.ones((), jnp.int32), tokens, cache, token, done, key)
-    _, tokens, *_ = jax.lax.while_loop(cond, body, carry)
-    return tokens
+    carry = (jnp.ones((), jnp.int32), tokens, cache, token, done, key, captured)
+    _, tokens, _, _, _, _, captured = jax.lax.while_loop(cond, body, carry)
+    if not capture:
+        return tokens
+    return tokens, (tuple(prefill_keys), prefilled, tuple(step_keys), captured)
+
+
+def _record_generate_captures(captures, prompt_pad: int, steps: int) -> None:
+    """Re-record what `_generate(capture=True)` returned into the collector `eqxlm.inspect.run`
+    opened: the prefill's values under their names (the batch first, the bucket's left padding
+    removed from the query axis; attention probabilities keep every cache entry as keys), the
+    decode steps' under `name@decode` (batch, then step, then the one-token value)."""
+    prefill_keys, prefilled, step_keys, decoded = captures
+    for keys, values, suffix, lead in ((prefill_keys, prefilled, "", 1), (step_keys, decoded, "@decode", 2)):
+        for key, value in zip(keys, values, strict=True):
+            for name, row in key:
+                v = value if row < 0 else value[(slice(None),) * lead + (row,)]  # a scanned layer's row
+                v = v[:, :steps] if suffix else v
+                if not suffix and v.ndim >= 2:  # (batch, seq, ...): drop the bucket's left padding
+                    v = v[:, :, prompt_pad:] if name.endswith(".probs") else v[:, prompt_pad:]
+                _taps.record(((name + suffix, -1),), v)
 
 
 def check_request(model, mask, max_new_tokens, do_sample, temperature, top_k, top_p, key=0) -> None:
@@ -233,6 +269,7 @@ def generate(
         from .sharding import shard_batch
 
         padded_ids, padded_mask = shard_batch(padded_ids, mesh), shard_batch(padded_mask, mesh)
+    capture = _taps.active()  # inside `eqxlm.inspect.run`: captures come back per step
     new = _generate(
         model,
         padded_ids,
@@ -248,5 +285,9 @@ def generate(
         do_sample=do_sample,
         streamer=streamer,
         mesh=mesh,
+        capture=capture,
     )
+    if capture:
+        new, captures = new
+        _record_generate_captures(captures, prompt - seq, max_new_tokens - 1)
     return jax.device_put(np.concatenate([input_ids, np.asarray(new)[:, :max_new_tokens]], axis=1))

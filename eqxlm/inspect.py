@@ -40,10 +40,17 @@ nothing. We chose this over threading named hook points through every call signa
 (TransformerLens' style) because that changes every module's outputs and every caller,
 and over a mutable registry (PyTorch hooks) because a registry does not survive `jit`.
 
-Limits: captures inside `eqxlm.generate`'s decode loop are not supported (patches are: they
-are part of the model); patching `probs` is refused (they are computed inside the fused
-attention); modules called one token at a time inside the MLP (`mlp.down_proj`) are
-hooked through the MLP: their input and output are captured, not patched.
+**Inside `eqxlm.generate`.** Patches are part of the model, so they apply at every step.
+Captures come back through `run` with generate as the function:
+
+    tokens, acts = inspect.run(lambda m, ids: eqxlm.generate(m, ids, max_new_tokens=8), hooked, ids)
+    acts["model.layers.1.resid_pre"]           # the prefill: (batch, prompt, hidden)
+    acts["model.layers.1.resid_pre@decode"]    # each decode step: (batch, max_new_tokens - 1, 1, hidden)
+
+(the decode loop writes each step's values into a buffer it carries, so nothing leaves the
+compiled loop but arrays). Limits: patching `probs` is refused (they are computed inside the fused
+attention); modules called one token at a time inside the MLP (`mlp.down_proj`) are patched
+per token (`fn` sees one token's vector; `value`/`add` have one token's shape, e.g. a neuron mask).
 """
 
 import dataclasses
@@ -316,9 +323,10 @@ def _add(model, name: str | None, where, point_override, captures: bool, patch_s
         module_name, point = _parse(model, name)
     steps, reps, row, parent_mlp = _locate(model, module_name)
     token_wise = parent_mlp is not None
-    if token_wise and not captures:
+    if token_wise and not captures and value is not None and jnp.ndim(value) > 1:
         raise ValueError(
-            f"{module_name}: modules inside the MLP run one token at a time; patch the MLP's input or output instead."
+            f"{module_name}: modules inside the MLP run one token at a time, so a patch applies per token: give "
+            f"`value`/`add` one token's shape (got {jnp.shape(value)}), use `fn=`, or patch the MLP's input or output."
         )
     if token_wise and getattr(_getter(steps[:parent_mlp])(model), "sequence_wise", False):
         raise ValueError(f"{module_name}: the MLP takes the whole sequence (a mixture of experts); hook the MLP itself.")

@@ -225,3 +225,51 @@ def test_models_configs_and_captures_render_with_treescope_and_print_short():
         assert "<" in treescope.render_to_html(thing)
     text = repr(model)
     assert "f32[192,192]" in text and "Array(" not in text and len(text) < 20_000
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2-scanned"])
+def test_captures_inside_generate_equal_a_full_forward(name, tmp_path):
+    """`inspect.run(eqxlm.generate, hooked, ...)`: the prefill's captures under their names and
+    every decode step's under `name@decode` equal one full forward over the prompt and the
+    generated tokens (1e-5), in the scanned layout too, with a patch applied at every step."""
+    family, overrides, scan = FAMILIES[name]
+    model = eqxlm.from_pretrained(save_hf(hf_model(family, **overrides), tmp_path), scan_layers=scan)
+    steer = 0.5 * jnp.cos(jnp.arange(model.config.hidden_size, dtype=jnp.float32))
+    patched = inspect.patch(model, "model.layers.0.resid_post", add=steer)
+    points = ["model.layers.1.resid_pre", "model.layers.0.self_attn.q", "model.layers.1.mlp:input"]
+    hooked = inspect.capture(patched, points)
+    prompt, n = IDS[None, :5], 6
+    tokens, acts = inspect.run(lambda m, ids: eqxlm.generate(m, ids, max_new_tokens=n, eos_token_id=[]), hooked, prompt)
+    assert np.asarray(tokens).tolist() == np.asarray(eqxlm.generate(patched, prompt, max_new_tokens=n, eos_token_id=[])).tolist()
+    _, full = run(hooked, jnp.asarray(tokens[0, :-1]))  # every position whose value generate computed
+    for point in points:
+        np.testing.assert_allclose(acts[point][0], full[point][:5], atol=1e-5, err_msg=point)
+        decoded = acts[point + "@decode"]
+        assert decoded.shape[:3] == (1, n - 1, 1)
+        np.testing.assert_allclose(decoded[0, :, 0], full[point][5:], atol=1e-5, err_msg=point + "@decode")
+
+
+def test_patching_inside_the_token_wise_mlp_applies_per_token(case):
+    """Zeroing neuron 3 at `mlp.down_proj:input` (a module the MLP calls one token at a time)
+    equals the hand-written MLP with that neuron zeroed; a sequence-shaped value is refused."""
+    _, _, model = case
+    point = "model.layers.1.mlp"
+    mlp = _layers(model)[1].mlp
+    if getattr(mlp, "sequence_wise", False):  # a mixture of experts: hooked as a whole
+        with pytest.raises(ValueError, match="takes the whole sequence"):
+            inspect.patch(model, f"{point}.experts.down_proj:input", fn=lambda h: h.at[3].set(0.0))
+        return
+    patched = inspect.patch(model, f"{point}.down_proj:input", fn=lambda h: h.at[3].set(0.0))
+    names = [f"{point}:input", point]
+    _, got = run(inspect.capture(patched, names), jnp.asarray(IDS))
+    x = got[f"{point}:input"]
+    if isinstance(mlp, eqxlm.nn.GatedMLP):
+        h = jax.vmap(lambda t: mlp.activation(mlp.gate_proj(t)) * mlp.up_proj(t))(x)
+    else:
+        h = jax.vmap(lambda t: mlp.activation(mlp.up_proj(t)))(x)
+    want = jax.vmap(mlp.down_proj)(h.at[:, 3].set(0.0))
+    np.testing.assert_allclose(got[point], want, atol=1e-5)
+    _, clean = run(inspect.capture(model, point), jnp.asarray(IDS))
+    assert not np.allclose(clean[point], got[point])
+    with pytest.raises(ValueError, match="one token's shape"):
+        inspect.patch(model, f"{point}.down_proj", value=jnp.zeros((len(IDS), model.config.hidden_size)))
