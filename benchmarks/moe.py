@@ -2,7 +2,11 @@
 top-2) against transformers in the same run, the dense (Mistral) model with the same active
 parameter count, and eqxlm's grouped dispatch against every expert on every token.
 
-    python benchmarks/moe.py [--reps 3]
+    python benchmarks/moe.py [--reps 3] [--decode-batches 1,8] [--no-torch]
+
+A full run did not finish the mixture model's eqxlm figures in 15 minutes on 2 cores
+(2026-11-28; under `jax.vmap` batch-8 decode gathers each row's experts' weights separately);
+`--decode-batches 1` measures the batch-1 figures alone.
 
 Random weights (written once to benchmarks/.cache). Figures are medians with [min-max] and
 the run count; the machine may be shared, so read them as rough. No asserts: this measures.
@@ -75,6 +79,7 @@ def main(argv=None):
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke run of the script (seconds)")
+    parser.add_argument("--decode-batches", default="1,8", help="comma-separated decode batch sizes (default 1,8)")
     args = parser.parse_args(argv)
     moe_config, dense_config = MOE, DENSE
     if args.tiny:
@@ -89,7 +94,8 @@ def main(argv=None):
         total, active = active_count(config, model)
         print(f"\n## {name}: {total / 1e6:.1f}M parameters, {active / 1e6:.1f}M active per token", flush=True)
         two = dataclasses.replace(config, num_hidden_layers=2)
-        res, _ = bench.bench_eqxlm(folder, "float32", args.reps, [512], [1, 8], two)
+        batches = [int(b) for b in args.decode_batches.split(",")]
+        res, _ = bench.bench_eqxlm(folder, "float32", args.reps, [512], batches, two)
         if name == "mixtral-0.5b":
             ids = jnp.asarray(np.random.default_rng(5).integers(0, config.vocab_size, 512), jnp.int32)
             forward = eqx.filter_jit(lambda m, i: m(i).logits)
@@ -99,7 +105,8 @@ def main(argv=None):
                 res[f"prefill 512, {path} dispatch"] = bench.Stat(
                     [512 / t for t in bench.timed(lambda f=forced: forward(f, ids).block_until_ready(), args.reps)]
                 )
-        theirs = {} if args.no_torch or name != "mixtral-0.5b" else bench.bench_torch(folder, "float32", args.reps, [512], [1, 8])
+        skip_torch = args.no_torch or name != "mixtral-0.5b"
+        theirs = {} if skip_torch else bench.bench_torch(folder, "float32", args.reps, [512], batches)
         print("| figure | eqxlm | transformers | eqxlm / transformers |\n|---|---|---|---|")
         for key, stat in res.items():
             other = theirs.get(key)
