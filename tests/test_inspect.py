@@ -227,13 +227,11 @@ def test_models_configs_and_captures_render_with_treescope_and_print_short():
     assert "f32[192,192]" in text and "Array(" not in text and len(text) < 20_000
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2-scanned"])
-def test_captures_inside_generate_equal_a_full_forward(name, tmp_path):
+def test_captures_inside_generate_equal_a_full_forward(case):
     """`inspect.run(eqxlm.generate, hooked, ...)`: the prefill's captures under their names and
     every decode step's under `name@decode` equal one full forward over the prompt and the
     generated tokens (1e-5), in the scanned layout too, with a patch applied at every step."""
-    family, overrides, scan = FAMILIES[name]
-    model = eqxlm.from_pretrained(save_hf(hf_model(family, **overrides), tmp_path), scan_layers=scan)
+    _, _, model = case
     steer = 0.5 * jnp.cos(jnp.arange(model.config.hidden_size, dtype=jnp.float32))
     patched = inspect.patch(model, "model.layers.0.resid_post", add=steer)
     points = ["model.layers.1.resid_pre", "model.layers.0.self_attn.q", "model.layers.1.mlp:input"]
