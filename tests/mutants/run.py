@@ -79,7 +79,8 @@ def main() -> int:
             start = time.time()
             try:
                 run = subprocess.run(
-                    [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m["tests"]],
+                    # one process (`-n 0`): under xdist, `-x` ends a failing run as "interrupted" (exit 2)
+                    [sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:cacheprovider", *m["tests"]],
                     cwd=work,
                     env=env,
                     capture_output=True,
