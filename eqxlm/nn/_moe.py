@@ -146,12 +146,13 @@ class SparseMoE(eqx.Module):
 
     @typecheck
     def router(
-        self, x: Float[Array, "seq hidden"]
+        self, x: Float[Array, "seq hidden"], *, taps=None
     ) -> tuple[Float[Array, "seq experts"], Float[Array, "seq k"], Int[Array, "seq k"]]:
-        """Router logits, routing weights and selected experts for every token of `x`."""
-        logits = x @ self.gate.weight.T
+        """Router logits, routing weights and selected experts for every token of `x`
+        (`taps`: the `eqxlm.inspect` points of [`__call__`][]; patched logits re-route)."""
+        logits = tap(taps, "router_logits", x @ self.gate.weight.T)
         weights, index = route(logits, self.top_k, self.normalize)
-        return logits, weights, index
+        return logits, tap(taps, "routing_weights", weights), tap(taps, "selected_experts", index)
 
     def path(self, seq: int) -> str:
         """The dispatch path used for a sequence of `seq` tokens (static)."""
@@ -202,9 +203,7 @@ class SparseMoE(eqx.Module):
         """**Arguments:** `x`; `taps` (static, set by an `eqxlm.inspect` hook: the points
         `router_logits` (`seq experts`, before routing: patching them re-routes),
         `routing_weights` (`seq k`) and `selected_experts` (`seq k`, int32)). None = none."""
-        logits = tap(taps, "router_logits", x @ self.gate.weight.T)
-        weights, index = route(logits, self.top_k, self.normalize)
-        weights, index = tap(taps, "routing_weights", weights), tap(taps, "selected_experts", index)
+        _, weights, index = self.router(x, taps=taps)
         path = self.path(x.shape[0])
         contrib = {"gather": self._gather, "grouped": self._grouped, "dense": self._dense}[path](x, index)
         # sum in ascending expert index from zeros (transformers' loop over experts)
