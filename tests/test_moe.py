@@ -84,6 +84,45 @@ def test_qwen2_moe_block_shared_expert_unnormalised(x, dispatch):
     assert np.abs(got - want).max() < 1e-6 * max(1.0, np.abs(want).max())
 
 
+@pytest.mark.parametrize("dispatch", ["gather", "grouped", "auto"])
+def test_a_vmapped_batch_is_dispatched_together(x, dispatch):
+    """Under `jax.vmap` the batch's tokens go through the experts together (a custom_vmap
+    rule), with transformers' numbers for a (batch, seq) input and transformers' gradients
+    (backward goes through the per-example function)."""
+    cfg = transformers.MixtralConfig(hidden_size=H, intermediate_size=INTER, num_local_experts=E, num_experts_per_tok=2)
+    block = _fill(modeling_mixtral.MixtralSparseMoeBlock(cfg))
+    xb = torch.tensor(x[0, :32].reshape(8, 4, H), requires_grad=True)
+    want = block(xb)
+    (want**2).sum().backward()
+    ours = _ours_from(block, 2, True, dispatch=dispatch)
+    got = jax.jit(jax.vmap(ours))(jnp.asarray(xb.detach().numpy()))
+    np.testing.assert_allclose(np.asarray(got), want.detach().numpy(), atol=1e-6)
+    grads = jax.grad(lambda m: jnp.sum(jax.vmap(m)(jnp.asarray(xb.detach().numpy())) ** 2))(ours)
+    want_gate_up = block.experts.gate_up_proj.grad.numpy()
+    pairs = [
+        (grads.experts.gate_proj.weight, want_gate_up[:, :INTER]),
+        (grads.experts.down_proj.weight, block.experts.down_proj.grad.numpy()),
+    ]
+    for ours_grad, theirs in pairs:
+        assert np.abs(np.asarray(ours_grad) - theirs).max() < 1e-6 * np.abs(theirs).max()  # float32 sums of 32 tokens
+    # a decode step of 4 rows: 8 (token, expert) pairs in one scan, not 2 per row
+    if dispatch != "grouped":
+        jaxpr = jax.make_jaxpr(jax.vmap(ours))(jnp.zeros((4, 1, H)))
+        lengths = [e.params["length"] for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "scan"]
+        assert lengths == [8], lengths
+
+
+def _eqns(jaxpr):
+    """Every equation of `jaxpr` and of the jaxprs in its equations' parameters."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(sub, "eqns"):
+                    yield from _eqns(sub)
+
+
 def test_router_matches_transformers(x):
     cfg = transformers.Qwen2MoeConfig(hidden_size=H, num_experts=E, num_experts_per_tok=2, norm_topk_prob=True)
     router = _fill(modeling_qwen2_moe.Qwen2MoeTopKRouter(cfg))

@@ -19,13 +19,19 @@ transformers'; distinct probabilities select the same experts in the same order.
 Three dispatch paths, chosen from static shapes, give the same numbers (up to the summation
 order inside a matrix product):
 
-- `"gather"` (decode: `tokens * top_k <= experts`): gather the selected experts' weights, so
-  a one-token step reads `top_k` of the experts;
+- `"gather"` (decode: `tokens * top_k <= 2 * experts`): one (token, expert) pair at a time,
+  each reading only its expert's weights, so a one-token step reads `top_k` of the experts;
 - `"grouped"` (prefill, training): sort the (token, expert) pairs by expert, lay each
   expert's tokens out in blocks of `block_size` rows (a group padded to whole blocks), and
   scan the blocks, each multiplied by its own expert's weights: about `tokens * top_k`
   rows of work instead of `tokens * experts`, and no token dropped;
 - `"dense"`: every expert on every token (a reference for tests).
+
+Under `jax.vmap` (a batch, as `eqxlm.generate` runs a model) the batch's tokens are
+dispatched together (`expert_outputs`, a `jax.custom_batching.custom_vmap` rule), so the path
+is chosen from `batch * seq` tokens. Batched row by row, the expert choice itself would
+become batched: `lax.switch` runs every branch (every expert for every row) and an index
+into the stack copies the selected weights; together, each pair reads only its expert.
 
 The selected experts' outputs are summed per token in ascending expert index, starting from
 zeros, as transformers' expert loop with `index_add_` does.
@@ -78,6 +84,140 @@ def _blocks_through_experts(blocks, block_expert, gate_w, up_w, down_w, activati
         return None, _expert_mlp(xb, gate_w[i], up_w[i], down_w[i], activation)
 
     return jax.lax.scan(body, None, (blocks, block_expert))[1]
+
+
+def choose_path(dispatch: str, tokens: int, top_k: int, num_experts: int) -> str:
+    """`dispatch` unless `"auto"`: then `"gather"` for up to `2 * num_experts` (token, expert)
+    pairs, `"grouped"` beyond. Gather reads one expert's weights per pair; the grouped scan
+    reads one per block, and there are up to `num_experts` more blocks than whole blocks of
+    pairs. Measured crossover at the 0.5B Mixtral shape (8 experts, top 2, CPU): gather is 2x
+    faster at 16 pairs, even at 32, 1.3x slower at 64 (benchmarks/NOTES-moe.md)."""
+    if dispatch != "auto":
+        return dispatch
+    return "gather" if tokens * top_k <= 2 * num_experts else "grouped"
+
+
+def _gather(x, index, gate_w, up_w, down_w, activation, block_size):
+    # One (token, slot) pair per scan step; `lax.switch` picks the expert's branch, whose
+    # static slice of the stacked weights XLA reads in place. Gathering the selected
+    # weights instead (`gate_w[index]`) copied them and ran 60x slower on CPU; indexing
+    # the stack with a traced scalar inside the scan copies each expert's slab (3.5x).
+    seq, k = index.shape
+    branches = [functools.partial(_one_expert, e, activation) for e in range(gate_w.shape[0])]
+
+    def body(_, pair):
+        row, e = pair
+        return None, jax.lax.switch(e, branches, row[None], gate_w, up_w, down_w)[0]
+
+    rows = jnp.repeat(x, k, axis=0)  # pair (s, j) at row s * k + j
+    return jax.lax.scan(body, None, (rows, index.reshape(-1)))[1].reshape(seq, k, -1)
+
+
+def _gather_indexed(x, index, gate_w, up_w, down_w, activation, block_size):
+    # The same numbers by indexing the stack: what differentiation uses (reverse mode through
+    # a `lax.switch` on a batched index fails in jax 0.10: no transpose for `stop_gradient`).
+    g, u, d = gate_w[index], up_w[index], down_w[index]  # (seq, k, ...)
+    h = activation(jnp.einsum("sh,skih->ski", x, g)) * jnp.einsum("sh,skih->ski", x, u)
+    return jnp.einsum("ski,skhi->skh", h, d)
+
+
+def _one_expert(e, activation, x, gate_w, up_w, down_w):
+    return _expert_mlp(x, gate_w[e], up_w[e], down_w[e], activation)
+
+
+def _dense(x, index, gate_w, up_w, down_w, activation, block_size):
+    out = jax.vmap(lambda g, u, d: _expert_mlp(x, g, u, d, activation))(gate_w, up_w, down_w)  # (experts, seq, hidden)
+    return out[index, jnp.arange(x.shape[0])[:, None]]  # (seq, k, hidden)
+
+
+def _grouped(x, index, gate_w, up_w, down_w, activation, block_size):
+    seq, k = index.shape
+    n_pairs, n_exp = seq * k, gate_w.shape[0]
+    block = max(1, min(block_size, n_pairs))
+    n_blocks = -(-n_pairs // block) + n_exp  # each group padded to whole blocks: at most this many
+    flat = index.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # pairs sorted by expert
+    sorted_exp = flat[order]
+    sizes = jnp.bincount(flat, length=n_exp)
+    starts = jnp.cumsum(sizes) - sizes
+    padded = -(-sizes // block) * block
+    padded_ends = jnp.cumsum(padded)
+    padded_starts = padded_ends - padded
+    rank = jnp.arange(n_pairs) - starts[sorted_exp]
+    dest = padded_starts[sorted_exp] + rank  # row of each sorted pair in the block layout
+    rows = jnp.zeros((n_blocks * block, x.shape[1]), x.dtype).at[dest].set(x[order // k])
+    block_exp = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(n_blocks) * block, side="right"), n_exp - 1)
+    out = _blocks_through_experts(rows.reshape(n_blocks, block, -1), block_exp, gate_w, up_w, down_w, activation)
+    out = out.reshape(n_blocks * block, -1)[dest]  # sorted pairs
+    unsorted = jnp.zeros((n_pairs, x.shape[1]), x.dtype).at[order].set(out)
+    return unsorted.reshape(seq, k, -1)
+
+
+_PATHS = {"gather": _gather, "grouped": _grouped, "dense": _dense}
+
+
+def _one_example(x, index, gate_w, up_w, down_w, *, activation, dispatch, block_size, differentiable=False):
+    path = choose_path(dispatch, x.shape[0], index.shape[1], gate_w.shape[0])
+    fn = _gather_indexed if differentiable and path == "gather" else _PATHS[path]
+    return fn(x, index, gate_w, up_w, down_w, activation, block_size)
+
+
+@functools.cache
+def _batch_aware(activation, dispatch, block_size):
+    """`_one_example` that, under `jax.vmap` over tokens with shared expert weights, runs once
+    on the batch's tokens together (the path chosen for all of them) instead of once per row.
+    Row by row, the expert index would be batched: `lax.switch` would run every expert on
+    every row and an index into the stack would copy weights. Differentiation goes
+    through the per-example function (`custom_vmap` has no reverse mode), so gradients and
+    training are unchanged."""
+    one = functools.partial(_one_example, activation=activation, dispatch=dispatch, block_size=block_size)
+
+    @jax.custom_batching.custom_vmap
+    def batched(x, index, gate_w, up_w, down_w):
+        return one(x, index, gate_w, up_w, down_w)
+
+    @batched.def_vmap
+    def rule(axis_size, in_batched, x, index, gate_w, up_w, down_w):
+        if any(in_batched[2:]):  # experts differ per row (an ensemble): nothing to share
+            axes = tuple(0 if b else None for b in in_batched)
+            return jax.vmap(one, in_axes=axes)(x, index, gate_w, up_w, down_w), True
+        if not in_batched[0]:
+            x = jnp.broadcast_to(x, (axis_size, *x.shape))
+        if not in_batched[1]:
+            index = jnp.broadcast_to(index, (axis_size, *index.shape))
+        out = differentiable(x.reshape(-1, x.shape[-1]), index.reshape(-1, index.shape[-1]), gate_w, up_w, down_w)
+        return out.reshape(*index.shape, -1), True
+
+    @jax.custom_jvp
+    def differentiable(x, index, gate_w, up_w, down_w):
+        return batched(x, index, gate_w, up_w, down_w)
+
+    @differentiable.defjvp
+    def _jvp(primals, tangents):
+        return jax.jvp(functools.partial(one, differentiable=True), primals, tangents)
+
+    return differentiable
+
+
+@typecheck
+def expert_outputs(
+    x: Float[Array, "seq hidden"],
+    index: Int[Array, "seq k"],
+    gate_w: Float[Array, "experts intermediate hidden"],
+    up_w: Float[Array, "experts intermediate hidden"],
+    down_w: Float[Array, "experts hidden intermediate"],
+    *,
+    activation: Callable,
+    dispatch: str = "auto",
+    block_size: int = 64,
+) -> Float[Array, "seq k hidden"]:
+    """Each token's selected experts' outputs (`index[s, j]`'s gated MLP on `x[s]`), unweighted.
+
+    The path is chosen from the number of tokens (`choose_path`). Under `jax.vmap` (a batch
+    of sequences, as `eqxlm.generate` runs the model) the batch's tokens are dispatched
+    together, so the path is chosen from `batch * seq` tokens: a batch-8 decode step takes
+    the grouped path and reads each selected expert once."""
+    return _batch_aware(activation, dispatch, block_size)(x, index, gate_w, up_w, down_w)
 
 
 class SparseMoE(eqx.Module):
@@ -154,49 +294,10 @@ class SparseMoE(eqx.Module):
         weights, index = route(logits, self.top_k, self.normalize)
         return logits, tap(taps, "routing_weights", weights), tap(taps, "selected_experts", index)
 
-    def path(self, seq: int) -> str:
-        """The dispatch path used for a sequence of `seq` tokens (static)."""
-        if self.dispatch != "auto":
-            return self.dispatch
-        return "gather" if seq * self.top_k <= self.num_experts else "grouped"
-
-    def _gather(self, x, index):
-        e = self.experts
-        gate_w, up_w, down_w = e.gate_proj.weight[index], e.up_proj.weight[index], e.down_proj.weight[index]  # (seq, k, ...)
-        h = self.experts.activation(jnp.einsum("sh,skih->ski", x, gate_w)) * jnp.einsum("sh,skih->ski", x, up_w)
-        return jnp.einsum("ski,skhi->skh", h, down_w)
-
-    def _dense(self, x, index):
-        e = self.experts
-        out = jax.vmap(lambda g, u, d: _expert_mlp(x, g, u, d, e.activation))(
-            e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight
-        )  # (experts, seq, hidden)
-        return out[index, jnp.arange(x.shape[0])[:, None]]  # (seq, k, hidden)
-
-    def _grouped(self, x, index):
-        seq, k = index.shape
-        n_pairs, n_exp = seq * k, self.num_experts
-        block = max(1, min(self.block_size, n_pairs))
-        n_blocks = -(-n_pairs // block) + n_exp  # each group padded to whole blocks: at most this many
-        flat = index.reshape(-1)
-        order = jnp.argsort(flat, stable=True)  # pairs sorted by expert
-        sorted_exp = flat[order]
-        sizes = jnp.bincount(flat, length=n_exp)
-        starts = jnp.cumsum(sizes) - sizes
-        padded = -(-sizes // block) * block
-        padded_ends = jnp.cumsum(padded)
-        padded_starts = padded_ends - padded
-        rank = jnp.arange(n_pairs) - starts[sorted_exp]
-        dest = padded_starts[sorted_exp] + rank  # row of each sorted pair in the block layout
-        rows = jnp.zeros((n_blocks * block, x.shape[1]), x.dtype).at[dest].set(x[order // k])
-        block_exp = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(n_blocks) * block, side="right"), n_exp - 1)
-        e = self.experts
-        out = _blocks_through_experts(
-            rows.reshape(n_blocks, block, -1), block_exp, e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight, e.activation
-        )
-        out = out.reshape(n_blocks * block, -1)[dest]  # sorted pairs
-        unsorted = jnp.zeros((n_pairs, x.shape[1]), x.dtype).at[order].set(out)
-        return unsorted.reshape(seq, k, -1)
+    def path(self, tokens: int) -> str:
+        """The dispatch path for `tokens` tokens (static; under `jax.vmap`, the batch's
+        tokens together: see [`expert_outputs`][])."""
+        return choose_path(self.dispatch, tokens, self.top_k, self.num_experts)
 
     @typecheck
     def __call__(self, x: Float[Array, "seq hidden"], *, taps=None) -> Float[Array, "seq hidden"]:
@@ -204,8 +305,11 @@ class SparseMoE(eqx.Module):
         `router_logits` (`seq experts`, before routing: patching them re-routes),
         `routing_weights` (`seq k`) and `selected_experts` (`seq k`, int32)). None = none."""
         _, weights, index = self.router(x, taps=taps)
-        path = self.path(x.shape[0])
-        contrib = {"gather": self._gather, "grouped": self._grouped, "dense": self._dense}[path](x, index)
+        e = self.experts
+        contrib = expert_outputs(
+            x, index, e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight,
+            activation=e.activation, dispatch=self.dispatch, block_size=self.block_size,
+        )  # fmt: skip
         # sum in ascending expert index from zeros (transformers' loop over experts)
         order = jnp.argsort(index, axis=-1, stable=True)
         contrib = jnp.take_along_axis(contrib, order[..., None], axis=1)
