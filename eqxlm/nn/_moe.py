@@ -68,20 +68,36 @@ def route(logits: Float[Array, "seq experts"], top_k: int, normalize: bool) -> t
 
 
 def _expert_mlp(x, gate_w, up_w, down_w, activation):
-    """One gated MLP on rows `x` with weights in `(out, in)` layout."""
-    h = activation(x @ gate_w.T) * (x @ up_w.T)
-    return h @ down_w.T
+    """One gated MLP on rows `x` with weights in `(out, in)` layout (a block of the grouped
+    path: input-first, `x @ w.T`, 134 vs 238 ms for the 0.5B shape's 512-token prefill layer
+    written weight-first)."""
+    return (activation(x @ gate_w.T) * (x @ up_w.T)) @ down_w.T
 
 
-@functools.partial(jax.jit, static_argnums=5)
-def _blocks_through_experts(blocks, block_expert, gate_w, up_w, down_w, activation):
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def _blocks_through_experts(blocks, block_expert, gate_w, up_w, down_w, activation, by_switch):
     """Each block of rows (`blocks`: `(n_blocks, block, hidden)`) through the expert that
-    `block_expert` names, one block per scan step. A module-level jitted function, so an
-    eager (unjitted) forward compiles it once per shape instead of once per call."""
+    `block_expert` names (`num_experts`: an unused block, left zero), one block per scan
+    step. `by_switch`: `lax.switch` picks the expert's branch, which reads its slab of the
+    stacked weights in place (indexing the stack with a traced scalar copies the slab;
+    reverse mode through a switch on a batched index fails, so differentiation indexes).
+    A module-level jitted function, so an eager (unjitted) forward compiles it once per
+    shape instead of once per call."""
+    n_exp = gate_w.shape[0]
+    if by_switch:
+        branches = [functools.partial(_one_expert, e, activation) for e in range(n_exp)]
+        branches.append(lambda xb, *weights: jnp.zeros_like(xb))
 
-    def body(_, xs):
-        xb, i = xs
-        return None, _expert_mlp(xb, gate_w[i], up_w[i], down_w[i], activation)
+        def body(_, xs):
+            xb, i = xs
+            return None, jax.lax.switch(i, branches, xb, gate_w, up_w, down_w)
+
+    else:
+
+        def body(_, xs):
+            xb, i = xs
+            i = jnp.minimum(i, n_exp - 1)  # an unused block's rows are zeros and never read back
+            return None, _expert_mlp(xb, gate_w[i], up_w[i], down_w[i], activation)
 
     return jax.lax.scan(body, None, (blocks, block_expert))[1]
 
@@ -91,19 +107,19 @@ def choose_path(dispatch: str, tokens: int, top_k: int, num_experts: int) -> str
     pairs, `"grouped"` beyond. Gather reads one expert's weights per pair; the grouped scan
     reads one per block, and there are up to `num_experts` more blocks than whole blocks of
     pairs. Measured crossover at the 0.5B Mixtral shape (8 experts, top 2, CPU): gather is 2x
-    faster at 16 pairs, even at 32, 1.3x slower at 64 (benchmarks/NOTES-moe.md)."""
+    faster at 16 pairs, even at 32, 1.3x slower at 64 (benchmarks/NOTES.md)."""
     if dispatch != "auto":
         return dispatch
     return "gather" if tokens * top_k <= 2 * num_experts else "grouped"
 
 
 def _gather(x, index, gate_w, up_w, down_w, activation, block_size):
-    # One (token, slot) pair per scan step; `lax.switch` picks the expert's branch, whose
-    # static slice of the stacked weights XLA reads in place. Gathering the selected
-    # weights instead (`gate_w[index]`) copied them and ran 60x slower on CPU; indexing
-    # the stack with a traced scalar inside the scan copies each expert's slab (3.5x).
+    # One (token, slot) pair per scan step; `lax.switch` picks the expert's branch, so only
+    # that expert's weights are read. Gathering the selected weights instead
+    # (`gate_w[index]`) ran 60x slower per layer on CPU (a copy, then a batched dot that
+    # XLA transposed); a dynamic index inside the scan, 3.5x.
     seq, k = index.shape
-    branches = [functools.partial(_one_expert, e, activation) for e in range(gate_w.shape[0])]
+    branches = [functools.partial(_one_expert_rows, e, activation) for e in range(gate_w.shape[0])]
 
     def body(_, pair):
         row, e = pair
@@ -111,6 +127,12 @@ def _gather(x, index, gate_w, up_w, down_w, activation, block_size):
 
     rows = jnp.repeat(x, k, axis=0)  # pair (s, j) at row s * k + j
     return jax.lax.scan(body, None, (rows, index.reshape(-1)))[1].reshape(seq, k, -1)
+
+
+def _one_expert_rows(e, activation, x, gate_w, up_w, down_w):
+    """Expert `e` on a few rows, input-first (`x @ w.T`): for one row on XLA:CPU this beat
+    the weight-first form (45 vs 58 ms a decode step of the 0.5B Mixtral)."""
+    return (activation(x @ gate_w[e].T) * (x @ up_w[e].T)) @ down_w[e].T
 
 
 def _gather_indexed(x, index, gate_w, up_w, down_w, activation, block_size):
@@ -126,11 +148,17 @@ def _one_expert(e, activation, x, gate_w, up_w, down_w):
 
 
 def _dense(x, index, gate_w, up_w, down_w, activation, block_size):
-    out = jax.vmap(lambda g, u, d: _expert_mlp(x, g, u, d, activation))(gate_w, up_w, down_w)  # (experts, seq, hidden)
+    # every expert on every token, weight-first (`w @ x.T`): vmapped input-first, XLA:CPU
+    # copied every expert's weights into the transposed layout (91 vs 23 ms a layer for 8 tokens)
+    def expert(g, u, d):
+        xt = x.T
+        return (d @ (activation(g @ xt) * (u @ xt))).T
+
+    out = jax.vmap(expert)(gate_w, up_w, down_w)  # (experts, seq, hidden)
     return out[index, jnp.arange(x.shape[0])[:, None]]  # (seq, k, hidden)
 
 
-def _grouped(x, index, gate_w, up_w, down_w, activation, block_size):
+def _grouped(x, index, gate_w, up_w, down_w, activation, block_size, by_switch=True):
     seq, k = index.shape
     n_pairs, n_exp = seq * k, gate_w.shape[0]
     block = max(1, min(block_size, n_pairs))
@@ -146,8 +174,9 @@ def _grouped(x, index, gate_w, up_w, down_w, activation, block_size):
     rank = jnp.arange(n_pairs) - starts[sorted_exp]
     dest = padded_starts[sorted_exp] + rank  # row of each sorted pair in the block layout
     rows = jnp.zeros((n_blocks * block, x.shape[1]), x.dtype).at[dest].set(x[order // k])
-    block_exp = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(n_blocks) * block, side="right"), n_exp - 1)
-    out = _blocks_through_experts(rows.reshape(n_blocks, block, -1), block_exp, gate_w, up_w, down_w, activation)
+    block_exp = jnp.searchsorted(padded_ends, jnp.arange(n_blocks) * block, side="right")  # n_exp: unused
+    blocks = rows.reshape(n_blocks, block, -1)
+    out = _blocks_through_experts(blocks, block_exp, gate_w, up_w, down_w, activation, by_switch)
     out = out.reshape(n_blocks * block, -1)[dest]  # sorted pairs
     unsorted = jnp.zeros((n_pairs, x.shape[1]), x.dtype).at[order].set(out)
     return unsorted.reshape(seq, k, -1)
@@ -158,8 +187,11 @@ _PATHS = {"gather": _gather, "grouped": _grouped, "dense": _dense}
 
 def _one_example(x, index, gate_w, up_w, down_w, *, activation, dispatch, block_size, differentiable=False):
     path = choose_path(dispatch, x.shape[0], index.shape[1], gate_w.shape[0])
-    fn = _gather_indexed if differentiable and path == "gather" else _PATHS[path]
-    return fn(x, index, gate_w, up_w, down_w, activation, block_size)
+    if differentiable and path == "gather":
+        return _gather_indexed(x, index, gate_w, up_w, down_w, activation, block_size)
+    if differentiable and path == "grouped":
+        return _grouped(x, index, gate_w, up_w, down_w, activation, block_size, by_switch=False)
+    return _PATHS[path](x, index, gate_w, up_w, down_w, activation, block_size)
 
 
 @functools.cache
