@@ -39,6 +39,40 @@ def test_gqa_core_matches_repeat_kv_and_eager_attention(heads, kv_heads):
         np.testing.assert_array_equal(rep[h], k[:, h // (heads // kv_heads)])
 
 
+@pytest.mark.parametrize("seq", [8, 11])
+@pytest.mark.parametrize("per_query", [True, False])
+def test_long_prompts_attend_in_query_blocks_with_the_same_numbers(monkeypatch, seq, per_query):
+    """Without weights, queries past QUERY_CHUNK go in blocks (lax.map) with a remainder:
+    every output row equals transformers' eager attention (and the one-block result), for
+    a per-query mask and ALiBi-style bias and for broadcast ones, with GQA and a soft-cap."""
+    from eqxlm.nn import _attention
+
+    monkeypatch.setattr(_attention, "QUERY_CHUNK", 4)
+    heads, kv_heads, kv_seq = 4, 2, seq + 3
+    q, k, v = _randn(seq, heads, 8), _randn(kv_seq, kv_heads, 8), _randn(kv_seq, kv_heads, 8)
+    if per_query:
+        mask = np.tril(np.ones((seq, kv_seq), bool), k=3) & ~np.tril(np.ones((seq, kv_seq), bool), k=-3)
+        bias = _randn(heads, seq, kv_seq)
+    else:
+        mask = np.arange(kv_seq)[None] % 5 != 1
+        bias = _randn(heads, 1, kv_seq)
+    args = [jnp.asarray(a) for a in (q, k, v)]
+    kw = dict(mask=jnp.asarray(mask), bias=jnp.asarray(bias), softcap=2.0)
+    blocked, none = dot_product_attention(*args, **kw, return_weights=False)
+    whole, _ = dot_product_attention(*args, **kw, return_weights=True)
+    assert none is None
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), atol=1e-6, rtol=0)
+    # transformers' eager attention with the same soft-cap and bias folded into its additive mask
+    module = types.SimpleNamespace(num_key_value_groups=heads // kv_heads, training=False)
+    tq, tk, tv = (torch.tensor(a).transpose(0, 1)[None] for a in (q, k, v))
+    scores = torch.matmul(tq, repeat_kv(tk, 2).transpose(2, 3)) * 8**-0.5
+    capped = torch.tanh(scores / 2.0) * 2.0
+    additive = torch.tensor(np.broadcast_to(bias, (heads, seq, kv_seq)))[None] + (capped - scores)
+    additive = additive + additive_mask(np.broadcast_to(mask, (seq, kv_seq)))
+    want, _ = eager_attention_forward(module, tq, tk, tv, additive, scaling=8**-0.5)
+    np.testing.assert_allclose(np.asarray(blocked), want[0].numpy(), atol=PART_ATOL, rtol=0)
+
+
 def _llama_family(cls, kind, window=None, **overrides):
     config = hf_config(kind, **overrides)
     config._attn_implementation = "eager"

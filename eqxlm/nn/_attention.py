@@ -7,6 +7,8 @@ that rotates or biases); masks and cache bookkeeping are built **once per forwar
 attention kind ([`attention_frames`][]) and handed to every layer of that kind.
 """
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -52,7 +54,10 @@ def dot_product_attention(
 
     **Arguments:** `query`, `key`, `value`; `mask` (True = may attend; broadcasts over
     queries); `bias` (additive, per head); `scale` (default `head_dim ** -0.5`); `softcap`;
-    `return_weights` (static: the weights are returned only when asked for).
+    `return_weights` (static: the weights are returned only when asked for). Without
+    weights, a query block longer than `QUERY_CHUNK` (1024) is attended in blocks of that
+    many queries, so the scores held at once grow linearly with the number of keys (a
+    prefill of 8,192 tokens holds 1/8 of the full score matrix).
 
     **Returns:** the attended values, and the attention weights (`heads seq kv_seq`, in the
     input dtype) or None.
@@ -61,8 +66,46 @@ def dot_product_attention(
     kv_seq, kv_heads, _ = key.shape
     if heads % kv_heads:
         raise ValueError(f"dot_product_attention: heads ({heads}) must be a multiple of kv_heads ({kv_heads}).")
-    groups = heads // kv_heads
     scale = head_dim**-0.5 if scale is None else scale
+    attend = functools.partial(_attend, key=key, value=value, scale=scale, softcap=softcap)
+    if return_weights or seq <= QUERY_CHUNK:
+        out, weights = attend(query, mask, bias)
+        return out, weights if return_weights else None
+    # Long prompts: queries in blocks of QUERY_CHUNK under `lax.map`, so the scores live as
+    # (heads, QUERY_CHUNK, kv_seq) at a time, linear in the keys, instead of (heads, seq, kv_seq).
+    # Each query row's softmax is over all its keys either way: the same numbers.
+    n = seq // QUERY_CHUNK
+    head, tail = n * QUERY_CHUNK, slice(n * QUERY_CHUNK, seq)
+
+    def rows(a, axis):  # (n, ..., QUERY_CHUNK, ...) blocks of the leading `head` rows, or a broadcast operand
+        if a is None or a.shape[axis] == 1:
+            return None
+        a = jax.lax.slice_in_dim(a, 0, head, axis=axis)
+        return jnp.moveaxis(a.reshape(*a.shape[:axis], n, QUERY_CHUNK, *a.shape[axis + 1 :]), axis, 0)
+
+    blocks = (query[:head].reshape(n, QUERY_CHUNK, heads, head_dim), rows(mask, 0), rows(bias, 1))
+
+    def one(block):
+        q, m, b = block
+        return attend(q, mask if m is None else m, bias if b is None else b)[0]
+
+    out = jax.lax.map(one, blocks).reshape(head, heads, head_dim)
+    if head < seq:
+        last_mask = None if mask is None else (mask if mask.shape[0] == 1 else mask[tail])
+        last_bias = None if bias is None else (bias if bias.shape[1] == 1 else bias[:, tail])
+        out = jnp.concatenate([out, attend(query[tail], last_mask, last_bias)[0]])
+    return out, None
+
+
+#: Prompts longer than this many tokens attend in blocks of this many queries when no
+#: attention weights are asked for (see `dot_product_attention`).
+QUERY_CHUNK = 1024
+
+
+def _attend(query, mask, bias, *, key, value, scale, softcap):
+    seq, heads, head_dim = query.shape
+    kv_seq, kv_heads, _ = key.shape
+    groups = heads // kv_heads
     dtype = query.dtype
     q = query.reshape(seq, kv_heads, groups, head_dim)
     scores = jnp.einsum("skgd,tkd->kgst", q, key.astype(dtype)) * jnp.asarray(scale, dtype)
@@ -75,7 +118,7 @@ def dot_product_attention(
         scores = jnp.where(mask[None], scores, jnp.finfo(dtype).min)
     weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
     out = jnp.einsum("kgst,tkd->skgd", weights.reshape(kv_heads, groups, seq, kv_seq), value.astype(dtype))
-    return out.reshape(seq, heads, head_dim), weights if return_weights else None
+    return out.reshape(seq, heads, head_dim), weights
 
 
 class AttentionFrame(eqx.Module):

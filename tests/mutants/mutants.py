@@ -312,5 +312,9 @@ MUTANTS = [
          find="attn = _norm(self.attn_out_norm, attn)",
          replace="attn = attn",
          tests=[F, "-k", "logits_match and gemma2"]),
+    dict(id="attention-query-blocks-rows-reversed", file="eqxlm/nn/_attention.py",
+         find="return attend(q, mask if m is None else m, bias if b is None else b)[0]",
+         replace="return attend(q, mask if m is None else m[::-1], bias if b is None else b)[0]",
+         tests=["tests/test_attention.py", "-k", "query_blocks"]),
 ]
 # fmt: on
