@@ -6,7 +6,7 @@ same random weights. Each figure is taken in a fresh process (peak RSS is per pr
     python benchmarks/long_context.py [--lengths 1024,2048,4096,8192] [--reps 2] [--torch]
 
 Prints peak RSS above the process's RSS before the forward (GiB) and tokens/s (median of
-`--reps` after one compiling run). No asserts: this measures.
+`--reps` after one compiling run; `--reps 0`: memory only). No asserts: this measures.
 """
 
 import argparse
@@ -116,7 +116,7 @@ def main():
                 continue
             r = json.loads(done.stdout.strip().splitlines()[-1])
             rates = r["tok_s"]
-            speed = f"{statistics.median(rates):.1f} [{min(rates):.1f}-{max(rates):.1f}] n={len(rates)}"
+            speed = f"{statistics.median(rates):.1f} [{min(rates):.1f}-{max(rates):.1f}] n={len(rates)}" if rates else "not timed"
             print(f"| {length} | {label} | {r['peak_gib']:.2f} | {speed} |", flush=True)
     print(f"\nload average at the end: {os.getloadavg()}")
 
