@@ -224,13 +224,22 @@ class SafetensorsFile:
         flat = np.frombuffer(self._map, dtype=storage, count=count, offset=self.data_start + info.start)
         return flat.reshape(info.shape).view(value_dtype)
 
-    def read(self, name: str, index: slice | tuple[slice, ...] | None = None, dtype=None, chunk: int = CHUNK_BYTES) -> np.ndarray:
+    def read(
+        self,
+        name: str,
+        index: slice | tuple[slice, ...] | None = None,
+        dtype=None,
+        chunk: int = CHUNK_BYTES,
+        cast_into=None,
+    ) -> np.ndarray:
         """Tensor `name` in a fresh, [`ALIGN`][]-byte aligned numpy buffer of `dtype` (default:
         its stored dtype; otherwise cast as [`cast`][] does, `chunk` bytes at a time through a
         scratch buffer, so a cast never holds a second whole copy).
 
         `index`: None (the whole tensor), a `slice` of leading-axis rows, or a tuple of
-        step-1 slices, one per axis (a device's shard): only those bytes are read."""
+        step-1 slices, one per axis (a device's shard): only those bytes are read.
+        `cast_into(out, values)`: how a chunk is cast into its flat slice of the result
+        (default: numpy's assignment)."""
         info = self.entries[name]
         value_dtype, storage = DTYPES[info.dtype]
         target = value_dtype if dtype is None else np.dtype(dtype)
@@ -243,7 +252,7 @@ class SafetensorsFile:
             if all(b == (0, n, 1) for b, n in zip(bounds[1:], shape[1:], strict=True)):
                 index = slice(*bounds[0][:2]) if shape else None
             else:
-                return self._read_box(info, [(a, b) for a, b, _ in bounds], target)
+                return self._read_box(info, [(a, b) for a, b, _ in bounds], target, cast_into)
         start, end = info.start, info.end
         if isinstance(index, slice) and shape:
             row_bytes = storage.itemsize * math.prod(shape[1:])
@@ -270,12 +279,15 @@ class SafetensorsFile:
                     got += n
                     if n != part.nbytes:
                         break
-                    flat[pos : pos + part.size] = part.view(value_dtype)
+                    if cast_into is None:
+                        flat[pos : pos + part.size] = part.view(value_dtype)
+                    else:
+                        cast_into(flat[pos : pos + part.size], part.view(value_dtype))
         if got != end - start:
             raise CheckpointError(f"{self.path}: tensor {name}: read {got} of {end - start} bytes (the file shrank?).")
         return out
 
-    def _read_box(self, info: TensorInfo, bounds: list[tuple[int, int]], target: np.dtype) -> np.ndarray:
+    def _read_box(self, info: TensorInfo, bounds: list[tuple[int, int]], target: np.dtype, cast_into=None) -> np.ndarray:
         """A box of a tensor (a device's shard), copied and cast into an aligned buffer out of
         a temporary read-only memory map of the tensor: only the pages the box touches are
         read, at C speed, and the map is dropped before returning, so no page stays resident."""
@@ -285,7 +297,10 @@ class SafetensorsFile:
         if info.end == info.start:
             return out
         mapped = np.memmap(self.path, dtype=storage, mode="r", offset=self.data_start + info.start, shape=info.shape)
-        np.copyto(out, mapped[index].view(value_dtype), casting="unsafe")
+        if cast_into is None or target == value_dtype:
+            np.copyto(out, mapped[index].view(value_dtype), casting="unsafe")
+        else:
+            cast_into(out.reshape(-1), np.ascontiguousarray(mapped[index]).view(value_dtype).reshape(-1))
         del mapped
         return out
 

@@ -387,3 +387,18 @@ def test_saving_over_the_folder_a_mapped_model_came_from(stored, tmp_path):
     for name, value in eqxlm.state_dict(model).items():
         np.testing.assert_array_equal(np.asarray(value), tensors[name], err_msg=name)
     _assert_bitwise(eqxlm.from_pretrained(tmp_path, dtype="float32"), src, "float32")
+
+
+def test_float16_cast_of_special_values_is_torchs(stored, tmp_path):
+    """float32 -> float16 on CPU (through XLA): NaNs with any payload, infinities, overflow,
+    float16 subnormals and underflow come out bit for bit as torch casts them."""
+    src = stored["float32", "single"]
+    tensors = {k: v.numpy() for k, v in _reference(src).items()}
+    name = "model.embed_tokens.weight"
+    bits = np.random.default_rng(0).integers(0, 2**32, tensors[name].size, dtype=np.uint64).astype(np.uint32)
+    tensors[name] = bits.view(np.float32).reshape(tensors[name].shape)
+    finite = np.abs(tensors[name][np.isfinite(tensors[name])])
+    assert np.isnan(tensors[name]).any() and (finite > 65504).any() and ((finite < 6.1e-5) & (finite > 6e-8)).any()
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    _assert_bitwise(eqxlm.from_pretrained(tmp_path, dtype="float16"), tmp_path, "float16")
