@@ -271,8 +271,8 @@ class SafetensorsFile:
                 got = fh.readinto(memoryview(out.view(storage).reshape(-1)).cast("B"))
             else:
                 flat, got = out.reshape(-1), 0
-                step = max(1, chunk // storage.itemsize)
-                scratch = np.empty(min(step, flat.size), storage)
+                step = max(16, chunk // storage.itemsize // 16 * 16)  # every chunk 64-byte aligned
+                scratch = aligned_empty((min(step, flat.size),), storage)
                 for pos in range(0, flat.size, step):
                     part = scratch[: min(step, flat.size - pos)]
                     n = fh.readinto(memoryview(part).cast("B"))

@@ -283,9 +283,9 @@ def _on_cpu() -> bool:
     return (device if isinstance(device, str) else device.platform) == "cpu"
 
 
-#: float32 -> float16 on CPU is cast by XLA in pieces of this many elements (one shape, one
-#: compile): numpy's cast is scalar (0.7 GB/s here against XLA's 1.7 GB/s) and, unlike XLA and
-#: torch, does not quiet a NaN's payload.
+#: float32 -> float16 on CPU is cast by XLA in pieces of at most this many elements, each a
+#: power of two (at most a dozen shapes, so a dozen small compiles): numpy's cast is scalar (0.7
+#: GB/s here against XLA's 1.7 GB/s) and, unlike XLA and torch, does not quiet a NaN's payload.
 _PIECE = 2**20
 
 
@@ -299,11 +299,14 @@ def _cast_into(out: np.ndarray, values: np.ndarray) -> None:
     if not (values.dtype == np.float32 and out.dtype == np.float16):
         out[...] = values
         return
-    piece = st.aligned_empty((_PIECE,), np.float32)
+    piece = None
     for pos in range(0, values.size, _PIECE):
         n = min(_PIECE, values.size - pos)
         src = values[pos : pos + n]
-        if n < _PIECE or src.ctypes.data % st.ALIGN:  # an aligned full piece is used in place
+        size = max(256, 1 << (n - 1).bit_length())
+        if n < size or src.ctypes.data % st.ALIGN:  # an aligned power-of-two piece is used in place
+            if piece is None or piece.size != size:
+                piece = st.aligned_empty((size,), np.float32)
             piece[:n] = src
             piece[n:] = 0
             src = piece
