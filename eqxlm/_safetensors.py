@@ -71,7 +71,7 @@ LOAD_DTYPES = {
 #: XLA:CPU uses a host buffer in place (no copy) when its address is a multiple of this.
 ALIGN = 64
 #: Casts are done through a scratch buffer of at most this many bytes.
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 16 * 2**20
 #: Header lengths above this are refused (the safetensors library's own limit).
 MAX_HEADER = 100 * 2**20
 

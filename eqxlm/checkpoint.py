@@ -272,7 +272,7 @@ def _put(array: np.ndarray, mesh, spec) -> jax.Array:
 
 #: Casts and splits go through scratch buffers of at most this many bytes; on an accelerator,
 #: tensors larger than this are also placed in row chunks of about this size.
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 16 * 2**20
 
 
 def _on_cpu() -> bool:
