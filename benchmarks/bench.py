@@ -49,6 +49,8 @@ SHAPES = {
     ),
     "bloom-560m": eqxlm.BloomConfig(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16),
 }
+#: Load-only rows (`--only-load`): the BLOOM-560m shape again, saved in ~500 MB shards (2.2 GB).
+SHARDED_SHAPES = {"bloom-560m-500MB-shards": (SHAPES["bloom-560m"], "500MB")}
 QUICK_SHAPES = {
     "mistral-tiny": eqxlm.MistralConfig(
         vocab_size=512,
@@ -115,12 +117,12 @@ def roofline(reps, quick):
 
 
 # -- checkpoints --------------------------------------------------------------------------
-def checkpoint(name, config, cache):
+def checkpoint(name, config, cache, max_shard_size="2GB"):
     folder = cache / name
     if not (folder / "config.json").exists():
         print(f"  writing random weights for {name} to {folder} ...", flush=True)
         model = eqxlm.DecoderLM(config, key=jax.random.key(0))
-        eqxlm.save_pretrained(model, folder, max_shard_size="2GB")
+        eqxlm.save_pretrained(model, folder, max_shard_size=max_shard_size)
         del model
     return folder
 
@@ -131,20 +133,32 @@ LOAD_CODE = {
     "transformers": "import torch, transformers; t=time.perf_counter(); m=transformers.AutoModelForCausalLM.from_pretrained("
     "sys.argv[1], dtype=torch.{dtype}); dt=time.perf_counter()-t",
 }
+#: After the load: read every weight once (both libraries hand out memory-mapped weights whose
+#: pages are only read on first use), then the resident set.
+TOUCH_CODE = {
+    "eqxlm": "import numpy as np; [np.asarray(x).sum() for x in jax.tree.leaves(m)]",
+    "transformers": "[p.sum() for p in m.parameters()]",
+}
 
 
 def load_in_fresh_process(lib, folder, dtype):
-    """Seconds of from_pretrained and the process's peak RSS, before and after loading."""
+    """Seconds of from_pretrained; the process's peak RSS before and after loading; its RSS
+    once every weight has been read (GiB)."""
     # Peak RSS from /proc/self/status VmHWM, which belongs to this process image: getrusage's
     # ru_maxrss survives fork+exec on Linux and would report the (large) parent's peak.
     hwm = "int([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
     warm = "import jax, eqxlm; jax.numpy.zeros(1).block_until_ready(); " if lib == "eqxlm" else "import torch, transformers; "
-    code = f"import sys, time; {warm}base={hwm}; " + LOAD_CODE[lib].format(dtype=dtype) + f"; print(dt, base, {hwm})"
+    rss = "int([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS')][0])"
+    code = (
+        f"import sys, time; {warm}base={hwm}; "
+        + LOAD_CODE[lib].format(dtype=dtype)
+        + f"; peak={hwm}; {TOUCH_CODE[lib]}; print(dt, base, peak, {rss})"
+    )
     out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=1800)
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
-    seconds, base_kb, peak_kb = out.stdout.split()[-3:]
-    return float(seconds), int(base_kb) / 2**20, int(peak_kb) / 2**20
+    seconds, base_kb, peak_kb, touched_kb = out.stdout.split()[-4:]
+    return float(seconds), int(base_kb) / 2**20, int(peak_kb) / 2**20, int(touched_kb) / 2**20
 
 
 # -- eqxlm --------------------------------------------------------------------------------
@@ -289,21 +303,27 @@ def main(argv=None):
         if args.json:
             args.json.write_text(json.dumps(report, indent=1))
         return
-    for name, config in shapes.items():
+    runs = {name: (config, "2GB") for name, config in shapes.items()}
+    if args.only_load and not args.quick:
+        runs.update(SHARDED_SHAPES)
+    for name, (config, shard_size) in runs.items():
         if args.models and name not in args.models:
             continue
-        folder = checkpoint(name, config, args.cache)
+        folder = checkpoint(name, config, args.cache, shard_size)
         layers = "num_hidden_layers" if hasattr(config, "num_hidden_layers") else "n_layer"
         two = dataclasses.replace(config, **{layers: 2})
         for dtype in dtypes:
             loads = {lib: load_in_fresh_process(lib, folder, dtype) for lib in ("eqxlm", "transformers")}
             if args.only_load:
                 nbytes = sum(f.stat().st_size for f in folder.glob("*.safetensors")) // (2 if dtype != "float32" else 1)
-                print(f"## {name}, {dtype}: from_pretrained in a fresh process\n")
-                for lib, (seconds, base, peak) in loads.items():
+                shards = len(list(folder.glob("*.safetensors")))
+                print(f"## {name} ({shards} files), {dtype}: from_pretrained in a fresh process\n")
+                print("| library | seconds | peak RSS | above baseline / weights | RSS with every weight read |")
+                print("|---|---|---|---|---|")
+                for lib, (seconds, base, peak, touched) in loads.items():
                     print(
-                        f"| {lib} | {seconds:.2f} s | peak RSS {peak:.2f} GiB (runtime baseline {base:.2f} GiB, "
-                        f"weights {nbytes / 2**30:.2f} GiB) |"
+                        f"| {lib} | {seconds:.2f} s | {peak:.2f} GiB (runtime baseline {base:.2f} GiB, weights "
+                        f"{nbytes / 2**30:.2f} GiB) | {(peak - base) * 2**30 / nbytes:.2f}x | {touched:.2f} GiB |"
                     )
                 print()
                 continue
@@ -323,7 +343,7 @@ def main(argv=None):
                 f"| decode batch 1 as a fraction of the roofline ({roof:.1f} tok/s) | "
                 f"{ours['decode batch 1'].median / roof:.0%} | {theirs['decode batch 1'].median / roof:.0%} | |"
             )
-            for lib, (seconds, base, peak) in loads.items():
+            for lib, (seconds, base, peak, _) in loads.items():
                 print(
                     f"| from_pretrained, fresh process: {lib} | {seconds:.2f} s, peak RSS {peak:.2f} GiB "
                     f"(runtime baseline {base:.2f} GiB, weights {nbytes / 2**30:.2f} GiB) | | |"

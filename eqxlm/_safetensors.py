@@ -5,10 +5,18 @@ A safetensors file is an 8-byte little-endian header length, a JSON header
 the tensors' bytes. [`SafetensorsFile`][] validates the whole header when it opens a file
 (lengths, JSON, dtypes, shapes against offsets, offsets inside the file and not
 overlapping), so a truncated or corrupt file fails before anything is read, with an error
-that names the file and the tensor. Tensors are then read each into its own fresh numpy
-buffer, whole or by leading-axis rows with plain file I/O, or by an arbitrary box of slices
-(one device's shard of a mesh) copied out of a short-lived memory map that touches only the
-box's pages; no memory map stays resident.
+that names the file and the tensor. Tensors are then had in one of three ways:
+
+- [`SafetensorsFile.view`][]: a read-only array over the file's own pages (one shared memory
+  map per file, alive as long as any view of it). Nothing is copied or read until the pages
+  are used. XLA:CPU adopts a host buffer without copying only when its address is a multiple
+  of 64 bytes ([`ALIGN`][]), and a mapped tensor's address is its file offset modulo the page
+  size, so this is for tensors whose offset is 64-byte aligned ([`SafetensorsFile.aligned`][]);
+- [`SafetensorsFile.read`][]: whole, by leading-axis rows, or cast to another dtype, into a
+  fresh 64-byte aligned buffer with plain file I/O (a cast goes through a bounded scratch
+  buffer, `chunk` bytes at a time), so that XLA:CPU adopts the result without a second copy;
+- by an arbitrary box of slices (one device's shard of a mesh) copied, and cast, out of a
+  short-lived memory map that touches only the box's pages.
 
 bfloat16 is read as raw 16-bit words and viewed as `ml_dtypes.bfloat16`, because a
 `memoryview` cannot take an ml_dtypes buffer (`cannot include dtype 'E' in a buffer`).
@@ -20,6 +28,7 @@ reader ([`read_index`][]) and the JSON reader that names file, line and column
 
 import json
 import math
+import mmap
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +68,10 @@ LOAD_DTYPES = {
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
     "float16": np.dtype(np.float16),
 }
+#: XLA:CPU uses a host buffer in place (no copy) when its address is a multiple of this.
+ALIGN = 64
+#: Casts are done through a scratch buffer of at most this many bytes.
+CHUNK_BYTES = 16 * 2**20
 #: Header lengths above this are refused (the safetensors library's own limit).
 MAX_HEADER = 100 * 2**20
 
@@ -78,6 +91,17 @@ def read_json(path: Path, what: str = "file") -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}.") from None
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an [`ALIGN`][]-byte boundary
+    (numpy's own allocations are only 16-byte aligned, which XLA:CPU copies)."""
+    dtype = np.dtype(dtype)
+    shape = tuple(shape)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    skip = -raw.ctypes.data % ALIGN
+    return raw[skip : skip + nbytes].view(dtype).reshape(shape)
 
 
 class TensorInfo:
@@ -105,6 +129,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._map: mmap.mmap | None = None  # opened by view()
         size = self.path.stat().st_size
         with open(self.path, "rb") as fh:
             head = fh.read(8)
@@ -174,13 +199,50 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self.entries)
 
-    def read(self, name: str, index: slice | tuple[slice, ...] | None = None) -> np.ndarray:
-        """Tensor `name` in a fresh numpy buffer of its stored dtype.
+    def aligned(self, name: str) -> bool:
+        """Whether tensor `name` is non-empty and starts on an [`ALIGN`][]-byte boundary of the
+        file (so a memory-mapped view of it can be handed to XLA:CPU without a copy)."""
+        info = self.entries[name]
+        return info.end > info.start and (self.data_start + info.start) % ALIGN == 0
 
-        `index`: None (the whole tensor), a `slice` of leading-axis rows, or a tuple of
-        step-1 slices, one per axis (a device's shard): only those bytes are read."""
+    def view(self, name: str) -> np.ndarray:
+        """Tensor `name` as a read-only array over the file's own pages: one shared,
+        read-only memory map of the file, opened on first use and kept open for as long as any
+        view of it lives. Nothing is read until the values are used. The file must not be
+        rewritten in place meanwhile (replacing it, as `save_pretrained` does, is safe)."""
         info = self.entries[name]
         value_dtype, storage = DTYPES[info.dtype]
+        if self._map is None:
+            with open(self.path, "rb") as fh:
+                self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        count = math.prod(info.shape)
+        if self.data_start + info.end > len(self._map):
+            raise CheckpointError(
+                f"{self.path}: tensor {name}: its data ends at byte {self.data_start + info.end}, but the file now "
+                f"has {len(self._map)} (the file shrank?)."
+            )
+        flat = np.frombuffer(self._map, dtype=storage, count=count, offset=self.data_start + info.start)
+        return flat.reshape(info.shape).view(value_dtype)
+
+    def read(
+        self,
+        name: str,
+        index: slice | tuple[slice, ...] | None = None,
+        dtype=None,
+        chunk: int = CHUNK_BYTES,
+        cast_into=None,
+    ) -> np.ndarray:
+        """Tensor `name` in a fresh, [`ALIGN`][]-byte aligned numpy buffer of `dtype` (default:
+        its stored dtype; otherwise cast as [`cast`][] does, `chunk` bytes at a time through a
+        scratch buffer, so a cast never holds a second whole copy).
+
+        `index`: None (the whole tensor), a `slice` of leading-axis rows, or a tuple of
+        step-1 slices, one per axis (a device's shard): only those bytes are read.
+        `cast_into(out, values)`: how a chunk is cast into its flat slice of the result
+        (default: numpy's assignment)."""
+        info = self.entries[name]
+        value_dtype, storage = DTYPES[info.dtype]
+        target = value_dtype if dtype is None else np.dtype(dtype)
         shape = list(info.shape)
         if isinstance(index, tuple):
             index = index + (slice(None),) * (len(shape) - len(index))
@@ -190,7 +252,7 @@ class SafetensorsFile:
             if all(b == (0, n, 1) for b, n in zip(bounds[1:], shape[1:], strict=True)):
                 index = slice(*bounds[0][:2]) if shape else None
             else:
-                return self._read_box(info, [(a, b) for a, b, _ in bounds])
+                return self._read_box(info, [(a, b) for a, b, _ in bounds], target, cast_into)
         start, end = info.start, info.end
         if isinstance(index, slice) and shape:
             row_bytes = storage.itemsize * math.prod(shape[1:])
@@ -200,27 +262,47 @@ class SafetensorsFile:
             stop = max(first, stop)
             start, end = start + first * row_bytes, start + stop * row_bytes
             shape[0] = stop - first
-        array = np.empty(shape, dtype=storage)
-        if array.nbytes:
-            with open(self.path, "rb") as fh:
-                fh.seek(self.data_start + start)
-                got = fh.readinto(memoryview(array.reshape(-1)).cast("B"))
-            if got != end - start:
-                raise CheckpointError(f"{self.path}: tensor {name}: read {got} of {end - start} bytes (the file shrank?).")
-        return array.view(value_dtype)
+        out = aligned_empty(shape, target)
+        if not out.size:
+            return out
+        with open(self.path, "rb") as fh:
+            fh.seek(self.data_start + start)
+            if target == value_dtype:  # straight from the file into the buffer XLA will adopt
+                got = fh.readinto(memoryview(out.view(storage).reshape(-1)).cast("B"))
+            else:
+                flat, got = out.reshape(-1), 0
+                step = max(16, chunk // storage.itemsize // 16 * 16)  # every chunk 64-byte aligned
+                scratch = aligned_empty((min(step, flat.size),), storage)
+                for pos in range(0, flat.size, step):
+                    part = scratch[: min(step, flat.size - pos)]
+                    n = fh.readinto(memoryview(part).cast("B"))
+                    got += n
+                    if n != part.nbytes:
+                        break
+                    if cast_into is None:
+                        flat[pos : pos + part.size] = part.view(value_dtype)
+                    else:
+                        cast_into(flat[pos : pos + part.size], part.view(value_dtype))
+        if got != end - start:
+            raise CheckpointError(f"{self.path}: tensor {name}: read {got} of {end - start} bytes (the file shrank?).")
+        return out
 
-    def _read_box(self, info: TensorInfo, bounds: list[tuple[int, int]]) -> np.ndarray:
-        """A box of a tensor (a device's shard), copied out of a temporary read-only memory
-        map of the tensor: only the pages the box touches are read, at C speed, and the map
-        is dropped before returning, so no page stays resident."""
+    def _read_box(self, info: TensorInfo, bounds: list[tuple[int, int]], target: np.dtype, cast_into=None) -> np.ndarray:
+        """A box of a tensor (a device's shard), copied and cast into an aligned buffer out of
+        a temporary read-only memory map of the tensor: only the pages the box touches are
+        read, at C speed, and the map is dropped before returning, so no page stays resident."""
         value_dtype, storage = DTYPES[info.dtype]
         index = tuple(slice(a, b) for a, b in bounds)
+        out = aligned_empty([b - a for a, b in bounds], target)
         if info.end == info.start:
-            return np.empty([b - a for a, b in bounds], dtype=value_dtype)
+            return out
         mapped = np.memmap(self.path, dtype=storage, mode="r", offset=self.data_start + info.start, shape=info.shape)
-        out = np.array(mapped[index], copy=True)
+        if cast_into is None or target == value_dtype:
+            np.copyto(out, mapped[index].view(value_dtype), casting="unsafe")
+        else:
+            cast_into(out.reshape(-1), np.ascontiguousarray(mapped[index]).view(value_dtype).reshape(-1))
         del mapped
-        return out.view(value_dtype)
+        return out
 
 
 # -- dtypes --------------------------------------------------------------------------------

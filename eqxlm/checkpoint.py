@@ -242,16 +242,21 @@ def from_pretrained(
         if simple:
             ref = tensor.parts[0]
             values[ref.leaf] = _read(readers[file], file_name, dtype, mesh, specs.get(ref.leaf))
-        else:
-            for ref, part in zip(tensor.parts, tensor.split(readers[file].read(file_name)), strict=True):
-                if ref.index:
-                    leaf = leaves[ref.leaf]
-                    buffer = stacked.get(ref.leaf)
-                    if buffer is None:
-                        buffer = stacked[ref.leaf] = np.empty(leaf.shape, leaf.dtype)
-                    buffer[ref.index] = st.cast(part, dtype)
-                else:
-                    values[ref.leaf] = _put(st.cast(part, dtype), mesh, specs.get(ref.leaf))
+            bar.update()
+            continue
+        outs = []
+        for ref in tensor.parts:
+            if ref.index:
+                leaf = leaves[ref.leaf]
+                if ref.leaf not in stacked:
+                    stacked[ref.leaf] = st.aligned_empty(leaf.shape, leaf.dtype)
+                outs.append(stacked[ref.leaf][ref.index])
+            else:
+                outs.append(st.aligned_empty(ref.shape, dtype))
+        _split_into(readers[file], file_name, tensor, outs)
+        for ref, out in zip(tensor.parts, outs, strict=True):
+            if not ref.index:
+                values[ref.leaf] = _put(out, mesh, specs.get(ref.leaf))
         bar.update()
     for leaf, buffer in stacked.items():
         values[leaf] = _put(buffer, mesh, specs.get(leaf))
@@ -265,8 +270,47 @@ def _put(array: np.ndarray, mesh, spec) -> jax.Array:
     return jax.device_put(array, jax.sharding.NamedSharding(mesh, spec))
 
 
-#: Tensors larger than this are read and placed in row chunks of about this size.
-CHUNK_BYTES = 256 * 2**20
+#: Casts and splits go through scratch buffers of at most this many bytes; on an accelerator,
+#: tensors larger than this are also placed in row chunks of about this size.
+CHUNK_BYTES = 16 * 2**20
+
+
+def _on_cpu() -> bool:
+    """Whether `jax.device_put` without a device places on a CPU device."""
+    device = jax.config.jax_default_device
+    if device is None:
+        return jax.devices()[0].platform == "cpu"
+    return (device if isinstance(device, str) else device.platform) == "cpu"
+
+
+#: float32 -> float16 on CPU is cast by XLA in pieces of at most this many elements, each a
+#: power of two (at most a dozen shapes, so a dozen small compiles): numpy's cast is scalar (0.7
+#: GB/s here against XLA's 1.7 GB/s) and, unlike XLA and torch, does not quiet a NaN's payload.
+_PIECE = 2**20
+
+
+@jax.jit
+def _to_float16(x):
+    return x.astype(jnp.float16)
+
+
+def _cast_into(out: np.ndarray, values: np.ndarray) -> None:
+    """`out[...] = values` (both flat and contiguous), float32 -> float16 through XLA."""
+    if not (values.dtype == np.float32 and out.dtype == np.float16):
+        out[...] = values
+        return
+    piece = None
+    for pos in range(0, values.size, _PIECE):
+        n = min(_PIECE, values.size - pos)
+        src = values[pos : pos + n]
+        size = max(256, 1 << (n - 1).bit_length())
+        if n < size or src.ctypes.data % st.ALIGN:  # an aligned power-of-two piece is used in place
+            if piece is None or piece.size != size:
+                piece = st.aligned_empty((size,), np.float32)
+            piece[:n] = src
+            piece[n:] = 0
+            src = piece
+        out[pos : pos + n] = np.asarray(_to_float16(jax.device_put(src)))[:n]
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -275,20 +319,28 @@ def _write_rows(buffer, rows, start):
 
 
 def _place(reader: st.SafetensorsFile, name: str, target: np.dtype) -> jax.Array:
-    """Read tensor `name` onto the default device, cast to `target`. A large tensor goes in
-    row chunks into a donated buffer, so memory peaks at the weights plus one chunk, never
-    two copies of it. Each read lands in its own fresh numpy buffer (no memory map stays
-    resident: going through `safe_open`'s map left every page read resident until the file
-    closed, a second copy of the weights at the end of a load)."""
+    """Read tensor `name` onto the default device, cast to `target`.
+
+    On CPU: when the stored dtype is `target` and the tensor's bytes are 64-byte aligned in
+    the file, the file's own pages (a read-only memory map) are handed to XLA, which uses
+    them in place: nothing is copied or read until the weights are used, and each page is
+    resident once, as file cache. Otherwise the tensor is read (cast in chunks) into one fresh
+    64-byte aligned buffer, which XLA adopts without copying again.
+
+    On an accelerator, a large tensor goes in row chunks into a donated device buffer, so host
+    memory holds one chunk at a time, never the whole tensor."""
     info = reader.entries[name]
     shape, nbytes = info.shape, info.end - info.start
+    if _on_cpu():
+        if info.numpy_dtype == target and reader.aligned(name):
+            return jax.device_put(reader.view(name))
+        return jax.device_put(reader.read(name, dtype=target, chunk=CHUNK_BYTES, cast_into=_cast_into))
     if nbytes <= CHUNK_BYTES or len(shape) == 0 or shape[0] < 2:
-        return jax.device_put(st.cast(reader.read(name), target))
+        return jax.device_put(reader.read(name, dtype=target, chunk=CHUNK_BYTES))
     rows = max(1, CHUNK_BYTES // (nbytes // shape[0]))
-    first = st.cast(reader.read(name, slice(0, rows)), target)
-    buffer = jnp.zeros(shape, first.dtype)
+    buffer = jnp.zeros(shape, target)
     for start in range(0, shape[0], rows):
-        chunk = first if start == 0 else st.cast(reader.read(name, slice(start, start + rows)), target)
+        chunk = reader.read(name, slice(start, start + rows), dtype=target, chunk=CHUNK_BYTES)
         buffer = _write_rows(buffer, jax.device_put(chunk), start)
     return buffer
 
@@ -299,7 +351,66 @@ def _read(reader: st.SafetensorsFile, file_name: str, target: np.dtype, mesh, sp
         return _place(reader, file_name, target)
     shape = reader.entries[file_name].shape
     sharding = jax.sharding.NamedSharding(mesh, spec)
-    return jax.make_array_from_callback(shape, sharding, lambda index: st.cast(reader.read(file_name, index), target))
+    cast_into = _cast_into if _on_cpu() else None
+    return jax.make_array_from_callback(
+        shape, sharding, lambda index: reader.read(file_name, index, dtype=target, chunk=CHUNK_BYTES, cast_into=cast_into)
+    )
+
+
+def _shaped(out: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A view of `out` with `shape` (setting `.shape` refuses where a copy would be needed,
+    so writes through it always land in `out`)."""
+    view = out.view()
+    view.shape = shape
+    return view
+
+
+def _split_into(reader: st.SafetensorsFile, name: str, tensor: CheckpointTensor, outs: list[np.ndarray]) -> None:
+    """Fill the parameter buffers `outs` (cast on assignment) from checkpoint tensor `name`,
+    which the key map fuses and/or transposes (`tensor.split`), reading about `CHUNK_BYTES`
+    of the file at a time: memory holds the parameters plus one chunk, never a second copy of
+    the tensor. Chunks are whole rows of the file, and for per-head fused tensors whole heads."""
+    shape = reader.entries[name].shape
+    cpu = _on_cpu()
+    transposed = tensor.transposed and len(shape) == 2
+    fused = tensor.fused
+    if len(shape) == 0 or (tensor.transposed and len(shape) > 2) or shape[0] == 0:
+        for out, part in zip(outs, tensor.split(reader.read(name)), strict=True):
+            out[...] = part.reshape(out.shape)
+        return
+    group = 1  # file rows that must be read together
+    if fused is not None and fused.heads and not transposed:
+        group = shape[0] // fused.heads
+    row_bytes = reader.entries[name].numpy_dtype.itemsize * math.prod(shape[1:])
+    step = max(1, CHUNK_BYTES // (row_bytes * group)) * group
+    if fused is not None:
+        sizes = [p.shape[0] for p in tensor.parts]
+        bounds = np.cumsum([0, *sizes]).tolist()
+    for r0 in range(0, shape[0], step):
+        r1 = min(shape[0], r0 + step)
+        rows = reader.read(name, slice(r0, r1), dtype=outs[0].dtype, chunk=CHUNK_BYTES, cast_into=_cast_into if cpu else None)
+        if fused is None and transposed:  # file rows are parameter columns
+            outs[0][:, r0:r1] = rows.T
+        elif fused is None:  # a layer of a stacked parameter
+            _shaped(outs[0], shape)[r0:r1] = rows
+        elif transposed:
+            columns = rows.T  # (fused rows, r1 - r0)
+            for i, out in enumerate(outs):
+                if fused.heads:
+                    src = columns.reshape(fused.heads, len(outs), -1, r1 - r0)[:, i]
+                    _shaped(out, (fused.heads, src.shape[1], out.shape[-1]))[:, :, r0:r1] = src
+                else:
+                    _shaped(out, (sizes[i], -1))[:, r0:r1] = columns[bounds[i] : bounds[i + 1]]
+        elif fused.heads:
+            grouped = rows.reshape((r1 - r0) // group, len(outs), -1, *shape[1:])
+            h0, h1 = r0 // group, r1 // group
+            for i, out in enumerate(outs):
+                _shaped(out, (fused.heads, *grouped.shape[2:]))[h0:h1] = grouped[:, i]
+        else:
+            for i, out in enumerate(outs):
+                lo, hi = max(r0, bounds[i]), min(r1, bounds[i + 1])
+                if lo < hi:
+                    _shaped(out, (sizes[i], *shape[1:]))[lo - bounds[i] : hi - bounds[i]] = rows[lo - r0 : hi - r0]
 
 
 # -- saving -------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ and sharded files, with and without a mesh, bit for bit against the safetensors 
 reading; bfloat16 checkpoints against transformers; export of bfloat16 models."""
 
 import copy
+import hashlib
 import json
 import os
 import subprocess
@@ -263,3 +264,141 @@ def test_bfloat16_checkpoints_load_by_repo_id_offline(bf16_checkpoints, tmp_path
         np.testing.assert_array_equal(np.array(tokens[kind]), _hf_greedy(folder, PROMPT, 20))
         before, after = _reference(folder), _reference(tmp_path / kind)
         assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# -- fused, transposed and stacked tensors, split in bounded chunks ---------------------------
+@pytest.mark.parametrize("kind", ["bloom", "gpt_neox", "gpt2", "phi3"])
+def test_fused_and_transposed_tensors_split_in_chunks_are_bitwise(kind, tmp_path, monkeypatch):
+    """Per-head fused (BLOOM, GPT-NeoX), transposed and fused (GPT-2 `c_attn`), fused whole
+    (Phi-3): read a few rows at a time (a tiny `CHUNK_BYTES`), in both layer layouts and cast
+    or not, every checkpoint tensor joined back from the parameters equals the file's."""
+    import eqxlm.checkpoint
+
+    folder = _save(hf_model(kind), tmp_path / kind)
+    reference = {k: v.numpy() for k, v in _reference(folder).items()}
+    monkeypatch.setattr(eqxlm.checkpoint, "CHUNK_BYTES", 100)
+    for dtype in ("float32", "bfloat16"):
+        for scan_layers in (False, True):
+            model = eqxlm.from_pretrained(folder, dtype=dtype, scan_layers=scan_layers)
+            joined = eqxlm.hf_state_dict(model)
+            assert joined.keys() <= reference.keys()
+            for name, value in joined.items():
+                want = reference[name].astype(jnp.dtype(dtype))
+                assert value.dtype == want.dtype and value.tobytes() == want.tobytes(), (kind, dtype, scan_layers, name)
+
+
+# -- memory: the file's pages, used once ------------------------------------------------------
+def _write_aligned(tensors: dict[str, np.ndarray], path: Path) -> None:
+    """A safetensors file whose every tensor starts on a 64-byte boundary: the header padded
+    with spaces (as the format allows) and tensors whose sizes are multiples of 64 bytes."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, value in tensors.items():
+        assert value.nbytes % 64 == 0, name
+        header[name] = {"dtype": "F32", "shape": list(value.shape), "data_offsets": [offset, offset + value.nbytes]}
+        offset += value.nbytes
+    text = json.dumps(header).encode()
+    text += b" " * (-(8 + len(text)) % 64)
+    with open(path, "wb") as fh:
+        fh.write(len(text).to_bytes(8, "little") + text)
+        for value in tensors.values():
+            fh.write(np.ascontiguousarray(value).tobytes())
+
+
+RSS_CODE = """
+import hashlib, json, sys
+import jax, jax.numpy as jnp, numpy as np, eqxlm
+def status(key):
+    return int([l.split()[1] for l in open('/proc/self/status') if l.startswith(key)][0]) * 1024
+jnp.zeros(1).block_until_ready()
+base = status('VmHWM')
+model = eqxlm.from_pretrained(sys.argv[1], dtype=jnp.float32)
+jax.block_until_ready(model)
+peak = status('VmHWM')
+leaves = jax.tree.leaves(model)
+maps = []
+for line in open('/proc/self/maps'):
+    parts = line.split()
+    if len(parts) >= 6 and parts[5].endswith('.safetensors'):
+        maps.append([int(x, 16) for x in parts[0].split('-')])
+mapped = sum(any(a <= x.unsafe_buffer_pointer() < b for a, b in maps) for x in leaves)
+for x in leaves:  # every page read once
+    np.asarray(x).sum()
+touched = status('VmHWM')
+digest = hashlib.sha256()
+for name, value in sorted(eqxlm.state_dict(model).items()):
+    digest.update(name.encode() + np.asarray(value).tobytes())
+print(json.dumps({"base": base, "peak": peak, "touched": touched, "leaves": len(leaves), "mapped": mapped,
+                  "weights": sum(x.nbytes for x in leaves), "sha256": digest.hexdigest()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def rss_checkpoints(tmp_path_factory):
+    """A ~200 MB float32 Mistral, saved as transformers saves it (tensors at whatever offsets
+    the header leaves them) and rewritten with every tensor 64-byte aligned."""
+    config = transformers.MistralConfig(
+        vocab_size=16000, hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12,
+        num_key_value_heads=4, tie_word_embeddings=False,
+    )  # fmt: skip
+    plain = tmp_path_factory.mktemp("rss-plain")
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(plain)
+    aligned = tmp_path_factory.mktemp("rss-aligned")
+    (aligned / "config.json").write_text((plain / "config.json").read_text())
+    _write_aligned({k: v.numpy() for k, v in _reference(plain).items()}, aligned / "model.safetensors")
+    return {"plain": plain, "aligned": aligned}
+
+
+@pytest.mark.parametrize("layout", ["plain", "aligned"])
+def test_float32_load_peak_rss_stays_near_the_weights(rss_checkpoints, layout):
+    """A float32 load of a float32 file, in a fresh process: peak RSS above the runtime
+    baseline is at most 1.3x the weight bytes, also after every weight has been read (no page
+    resident twice); where the tensors are 64-byte aligned, every parameter is the file's own
+    mapped pages. Values bitwise as in the file."""
+    folder = rss_checkpoints[layout]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+    run = subprocess.run([sys.executable, "-c", RSS_CODE, str(folder)], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    weights = sum(v.nbytes for v in _reference(folder).values())
+    assert got["weights"] == weights > 150 * 2**20
+    assert got["peak"] - got["base"] <= 1.3 * weights, got
+    assert got["touched"] - got["base"] <= 1.3 * weights, got
+    if layout == "aligned":
+        assert got["mapped"] == got["leaves"], got
+    digest = hashlib.sha256()
+    for name, value in sorted(_reference(folder).items()):
+        digest.update(name.encode() + value.numpy().tobytes())
+    assert got["sha256"] == digest.hexdigest()  # bit for bit the file's values
+
+
+def test_saving_over_the_folder_a_mapped_model_came_from(stored, tmp_path):
+    """Every weight of a load from an aligned float32 file is the file's mapped pages; saving
+    that model over its own folder replaces the files (the mapped inode stays intact), so the
+    model keeps its values and the folder reloads them bit for bit."""
+    src = stored["float32", "single"]
+    tensors = {k: v.numpy() for k, v in _reference(src).items()}
+    _write_aligned(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    model = eqxlm.from_pretrained(tmp_path, dtype="float32")
+    reader = SafetensorsFile(tmp_path / "model.safetensors")
+    assert all(reader.aligned(name) for name in tensors)
+    eqxlm.save_pretrained(model, tmp_path)
+    for name, value in eqxlm.state_dict(model).items():
+        np.testing.assert_array_equal(np.asarray(value), tensors[name], err_msg=name)
+    _assert_bitwise(eqxlm.from_pretrained(tmp_path, dtype="float32"), src, "float32")
+
+
+def test_float16_cast_of_special_values_is_torchs(stored, tmp_path):
+    """float32 -> float16 on CPU (through XLA): NaNs with any payload, infinities, overflow,
+    float16 subnormals and underflow come out bit for bit as torch casts them."""
+    src = stored["float32", "single"]
+    tensors = {k: v.numpy() for k, v in _reference(src).items()}
+    name = "model.embed_tokens.weight"
+    bits = np.random.default_rng(0).integers(0, 2**32, tensors[name].size, dtype=np.uint64).astype(np.uint32)
+    tensors[name] = bits.view(np.float32).reshape(tensors[name].shape)
+    finite = np.abs(tensors[name][np.isfinite(tensors[name])])
+    assert np.isnan(tensors[name]).any() and (finite > 65504).any() and ((finite < 6.1e-5) & (finite > 6e-8)).any()
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    _assert_bitwise(eqxlm.from_pretrained(tmp_path, dtype="float16"), tmp_path, "float16")
