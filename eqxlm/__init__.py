@@ -5,8 +5,9 @@ Llama-like builder (`DecoderSpec`, `DecoderLM`) and one file per family, `eqxlm.
 parameter names, key maps and partition specs, `eqxlm.checkpoint` Hugging Face import/export,
 `eqxlm.generation` the KV-cached decoder, `eqxlm.training` training utilities,
 `eqxlm.sharding` meshes and placement, `eqxlm.tokenizer` tokenizers and chat templates,
-`eqxlm.quantization` weight-only int8 / int4 quantization, `eqxlm.chat` multi-turn chat with a kept KV cache, `eqxlm.harness` the lm-evaluation-harness
-adapter (optional extra `eval`), `eqxlm.cli` the command line.
+`eqxlm.chat` multi-turn chat with a kept KV cache, `eqxlm.harness` the lm-evaluation-harness
+adapter (optional extra `eval`), `eqxlm.quantization` weight-only int8 / int4 quantization,
+`eqxlm.cli` the command line.
 
 Shape vocabulary (the one set of dimension names, used in every annotation; checked by
 beartype at call time, and at trace time under jit). A dimension is named by the noun

@@ -326,7 +326,8 @@ def save_quantized(model, out_dir: str | os.PathLike) -> Path:
         raise ValueError("save_quantized: the model has no QuantizedLinear (use eqxlm.quantize first, or save_pretrained).")
     kinds = {(q.bits, q.group_size if q.bits == 4 else None) for q in layers.values()}
     if len(kinds) > 1:
-        raise ValueError(f"save_quantized: the layers mix quantizations {sorted(kinds, key=str)}; one (bits, group_size) per model.")
+        mixed = sorted(kinds, key=str)
+        raise ValueError(f"save_quantized: the layers mix quantizations {mixed}; one (bits, group_size) per model.")
     bits, group_size = kinds.pop()
     leaves = jax.tree_util.tree_leaves(model)
     tensors = {}
@@ -377,7 +378,8 @@ def load_quantized(path: str | os.PathLike, *, scan_layers: bool = False):
     qfile, sfile = folder / QUANTIZATION_JSON, folder / QUANTIZED_FILE
     for f in (qfile, sfile, folder / "config.json"):
         if not f.exists():
-            raise st.CheckpointError(f"{f}: not found (a folder written by eqxlm.save_quantized has config.json, {QUANTIZATION_JSON}, {QUANTIZED_FILE}).")
+            wanted = f"config.json, {QUANTIZATION_JSON}, {QUANTIZED_FILE}"
+            raise st.CheckpointError(f"{f}: not found (a folder written by eqxlm.save_quantized has {wanted}).")
     meta = st.read_json(qfile, "quantization config")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
@@ -433,9 +435,8 @@ def load_quantized(path: str | os.PathLike, *, scan_layers: bool = False):
     if wrong:
         problems.append(f"misshapen or wrong-dtype tensors: {st._plural(wrong, 8, '; ')}")
     if problems:
-        raise st.CheckpointError(
-            f"{sfile}: does not match config.json and {QUANTIZATION_JSON} ({config.model_type}, int{bits}):\n  " + "\n  ".join(problems)
-        )
+        what = f"config.json and {QUANTIZATION_JSON} ({config.model_type}, int{bits})"
+        raise st.CheckpointError(f"{sfile}: does not match {what}:\n  " + "\n  ".join(problems))
     leaves, treedef = jax.tree_util.tree_flatten(skeleton)
     values = list(leaves)
     stacked: dict[int, np.ndarray] = {}
