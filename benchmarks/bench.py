@@ -194,10 +194,11 @@ def bench_quant(reps, quick):
     """Batch-1 decode tok/s (and prefill 128) of the Mistral-0.5B shape (random weights) in
     float32 and quantized with `eqxlm.quantize`: int8, int8 with the head, int4 (group 128).
     The variants are timed in turns, one rep of each before the next, so a slow spell of a
-    shared machine hits all of them. transformers has no row: its CPU weight-only int8 needs
+    shared machine hits all of them. Layers are scanned (`eqxlm.scan_layers`), which keeps the
+    four compiles short; the float32 rows of the main table are unrolled. transformers has no row: its CPU weight-only int8 needs
     torchao or optimum-quanto, neither a dependency here."""
     config = QUICK_SHAPES["mistral-tiny"] if quick else SHAPES["mistral-0.5b"]
-    model = eqxlm.DecoderLM(config, key=jax.random.key(0))
+    model = eqxlm.scan_layers(eqxlm.DecoderLM(config, key=jax.random.key(0)))  # scanned: one layer to compile
     group = 32 if quick else 128
     variants = {
         "float32": model,
@@ -216,6 +217,7 @@ def bench_quant(reps, quick):
     for name, m in variants.items():
         compile_s[name] = timed(gen(m, LONG), 1)[0]
         forward(m, prompt).block_until_ready()
+        print(f"  compiled {name}: first generate {compile_s[name]:.1f} s, load {os.getloadavg()[0]:.2f}", flush=True)
     t_long = {n: [] for n in variants}
     t_short = {n: [] for n in variants}
     prefill = {n: [] for n in variants}
@@ -226,6 +228,8 @@ def bench_quant(reps, quick):
             t_long[name] += timed(gen(m, LONG), 1)
             t_short[name] += timed(gen(m, SHORT), 1)
             prefill[name] += [128 / t for t in timed(lambda m=m: forward(m, prompt).block_until_ready(), 1)]
+            last = f"{t_long[name][-1]:.2f}/{t_short[name][-1]:.2f} s"
+            print(f"  round {len(loads)} {name}: {LONG}/{SHORT} tokens {last}", flush=True)
     rows = {}
     for name, m in variants.items():
         nbytes = sum(x.nbytes for x in jax.tree.leaves(eqx.filter(m, eqx.is_array)))

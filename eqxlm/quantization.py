@@ -388,7 +388,7 @@ def load_quantized(path: str | os.PathLike, *, scan_layers: bool = False):
     try:
         _check_bits(bits, group_size)
     except ValueError as e:
-        raise st.CheckpointError(f"{qfile}: {e}") from None
+        raise st.CheckpointError(f"{qfile}: {str(e).removeprefix('quantize: ')}") from None
     config = load_config(folder)
     if meta.get("model_type") != config.model_type:
         raise st.CheckpointError(f"{qfile}: model_type {meta.get('model_type')!r}, but config.json says {config.model_type!r}.")
