@@ -103,20 +103,24 @@ def _dequantize(qweight, scales):
 
 
 def _matvec(qweight, scales, x):
-    """One token: `sum_g s[o, g] sum_{i in g} Q[o, i] x[i]`, a fused multiply-reduce that reads
-    the int8 weight once (no float copy of it)."""
+    """One token: `sum_g s[o, g] sum_{i in g} Q[o, i] x[i]`, a multiply-reduce over the int8
+    weight in its `(out, in)` layout. The product is formed 2-D and reduced along `in` (one
+    group) or reshaped to `(out, groups, group_size)` after the product (int4): a 3-D view of
+    the int8 weight before the product ran 20x slower inside a scanned layer (NOTES.md)."""
     out, n_in = qweight.shape
     groups = scales.shape[-1]
     dtype = jnp.promote_types(scales.dtype, jnp.float32)
-    q = qweight.reshape(out, groups, n_in // groups).astype(dtype)
-    partial = jnp.sum(q * x.astype(dtype).reshape(1, groups, n_in // groups), axis=-1)  # (out, groups)
+    product = qweight.astype(dtype) * x.astype(dtype)[None, :]
+    if groups == 1:
+        return jnp.sum(product, axis=1) * scales[:, 0].astype(dtype)
+    partial = jnp.sum(product.reshape(out, groups, n_in // groups), axis=-1)
     return jnp.sum(partial * scales.astype(dtype), axis=-1)
 
 
 def _matmat(qweight, scales, x):
     """Rows `x` `(n, in)`: per-row fused reduces for a few rows, else dequantize once."""
-    if x.shape[0] <= SMALL_BATCH:
-        return jax.vmap(_matvec, in_axes=(None, None, 0))(qweight, scales, x)
+    if x.shape[0] <= SMALL_BATCH:  # one 2-D reduce per row (vmapped, the reduce is 3-D: 12x slower in a model)
+        return jnp.stack([_matvec(qweight, scales, row) for row in x])
     dtype = jnp.promote_types(scales.dtype, jnp.float32)
     return x.astype(dtype) @ _dequantize(qweight, scales).astype(dtype).T
 
