@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py                 # the full suite (~30 min on 2 cores)
     python benchmarks/bench.py --quick         # small shapes, seconds (the tests run this)
+    python benchmarks/bench.py --quant         # batch-1 decode: float32 vs int8 vs int4 (eqxlm.quantize)
 
 Shapes: a BLOOM-560m-shaped model (vocab 250880, hidden 1024, 24 layers, 16 heads) and a
 Mistral-shaped ~0.5B model (vocab 32000, hidden 1024, intermediate 3584, 16 layers, 16 heads,
@@ -202,6 +203,59 @@ def bench_eqxlm(folder, dtype, reps, prompts, decode_batches, two_layer_config):
     return res, nbytes
 
 
+# -- weight-only quantization ------------------------------------------------------------
+def bench_quant(reps, quick):
+    """Batch-1 decode tok/s (and prefill 128) of the Mistral-0.5B shape (random weights) in
+    float32 and quantized with `eqxlm.quantize`: int8, int8 with the head, int4 (group 128).
+    The variants are timed in turns, one rep of each before the next, so a slow spell of a
+    shared machine hits all of them. Layers are scanned (`eqxlm.scan_layers`), which keeps the
+    four compiles short; the float32 rows of the main table are unrolled. transformers has no row: its CPU weight-only int8 needs
+    torchao or optimum-quanto, neither a dependency here."""
+    config = QUICK_SHAPES["mistral-tiny"] if quick else SHAPES["mistral-0.5b"]
+    model = eqxlm.scan_layers(eqxlm.DecoderLM(config, key=jax.random.key(0)))  # scanned: one layer to compile
+    group = 32 if quick else 128
+    variants = {
+        "float32": model,
+        "int8": eqxlm.quantize(model, bits=8),
+        "int8 + head": eqxlm.quantize(model, bits=8, where=lambda name: True),
+        f"int4 g{group}": eqxlm.quantize(model, bits=4, group_size=group),
+    }
+    ids = np.random.default_rng(1).integers(0, config.vocab_size, (1, 128)).astype(np.int32)
+    prompt = jnp.asarray(ids[0])
+    forward = eqx.filter_jit(lambda m, ids: m(ids).logits)
+
+    def gen(m, n):
+        return lambda: eqxlm.generate(m, ids, max_new_tokens=n, eos_token_id=[]).block_until_ready()
+
+    compile_s = {}
+    for name, m in variants.items():
+        compile_s[name] = timed(gen(m, LONG), 1)[0]
+        forward(m, prompt).block_until_ready()
+        print(f"  compiled {name}: first generate {compile_s[name]:.1f} s, load {os.getloadavg()[0]:.2f}", flush=True)
+    t_long = {n: [] for n in variants}
+    t_short = {n: [] for n in variants}
+    prefill = {n: [] for n in variants}
+    loads = []
+    for _ in range(reps):
+        loads.append(os.getloadavg()[0])
+        for name, m in variants.items():
+            t_long[name] += timed(gen(m, LONG), 1)
+            t_short[name] += timed(gen(m, SHORT), 1)
+            prefill[name] += [128 / t for t in timed(lambda m=m: forward(m, prompt).block_until_ready(), 1)]
+            last = f"{t_long[name][-1]:.2f}/{t_short[name][-1]:.2f} s"
+            print(f"  round {len(loads)} {name}: {LONG}/{SHORT} tokens {last}", flush=True)
+    rows = {}
+    for name, m in variants.items():
+        nbytes = sum(x.nbytes for x in jax.tree.leaves(eqx.filter(m, eqx.is_array)))
+        rows[name] = {
+            "decode batch 1": decode_rate(1, t_long[name], t_short[name]),
+            "prefill 128": Stat(prefill[name]),
+            "weights (GB)": nbytes / 1e9,
+            "first generate (s)": compile_s[name],
+        }
+    return rows, loads
+
+
 # -- layers: unrolled against scanned ------------------------------------------------------
 def bench_layers(reps, quick):
     """Compile seconds of a prefill and of the decode loop at 2 and 24 layers (quick: 2 and 6),
@@ -272,6 +326,7 @@ def main(argv=None):
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--only-load", action="store_true", help="measure only from_pretrained (seconds, peak RSS)")
     parser.add_argument("--layers", action="store_true", help="only compile time and decode speed, unrolled vs scanned layers")
+    parser.add_argument("--quant", action="store_true", help="only batch-1 decode of float32 vs eqxlm.quantize int8 / int4")
     args = parser.parse_args(argv)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     reps = args.reps or (2 if args.quick else 3)
@@ -285,6 +340,24 @@ def main(argv=None):
     flops, bandwidth = roofline(reps, args.quick)
     print(f"\nroofline: matmul {flops.cell(' GFLOP/s')}; weight streaming (f32 matrix-vector) {bandwidth.cell(' GB/s')}\n")
     report = {"roofline": {"gflops": flops.runs, "gbps": bandwidth.runs}, "models": {}}
+    if args.quant:
+        rows, loads = bench_quant(reps, args.quick)
+        shape = "mistral-tiny" if args.quick else "mistral-0.5b"
+        print(f"## weight-only quantization, {shape}, batch 1 (load average at each round: {loads})\n")
+        print("| variant | weights | decode batch 1 | vs float32 | prefill 128 | first generate (s) |")
+        print("|---|---|---|---|---|---|")
+        base = rows["float32"]["decode batch 1"].median
+        for name, r in rows.items():
+            d = r["decode batch 1"]
+            print(
+                f"| {name} | {r['weights (GB)'] * 1e3:,.1f} MB | {d.cell(' tok/s')} | {d.median / base:.2f}x | "
+                f"{r['prefill 128'].cell(' tok/s')} | {r['first generate (s)']:.1f} |"
+            )
+        report["quant"] = {n: {k: (v.runs if isinstance(v, Stat) else v) for k, v in r.items()} for n, r in rows.items()}
+        report["quant_load_average"] = loads
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1))
+        return
     if args.layers:
         depths, rows = bench_layers(reps, args.quick)
         print("## compile time against depth, unrolled and scanned layers (BLOOM-wide, float32)\n")

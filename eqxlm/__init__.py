@@ -6,7 +6,8 @@ parameter names, key maps and partition specs, `eqxlm.checkpoint` Hugging Face i
 `eqxlm.generation` the KV-cached decoder, `eqxlm.training` training utilities,
 `eqxlm.sharding` meshes and placement, `eqxlm.tokenizer` tokenizers and chat templates,
 `eqxlm.chat` multi-turn chat with a kept KV cache, `eqxlm.harness` the lm-evaluation-harness
-adapter (optional extra `eval`), `eqxlm.cli` the command line.
+adapter (optional extra `eval`), `eqxlm.quantization` weight-only int8 / int4 quantization,
+`eqxlm.cli` the command line.
 
 Shape vocabulary (the one set of dimension names, used in every annotation; checked by
 beartype at call time, and at trace time under jit). A dimension is named by the noun
@@ -54,6 +55,7 @@ from .models import (
 )
 from .nn import Cache, KVCache
 from .params import parameter_count, state_dict
+from .quantization import QuantizedLinear, load_quantized, quantize, save_quantized
 from .sharding import shard
 from .tokenizer import load_tokenizer
 
@@ -103,17 +105,21 @@ __all__ = [
     "LlamaConfig",
     "MistralConfig",
     "ModelOutput",
+    "QuantizedLinear",
     "default_model_path",
     "from_pretrained",
     "generate",
     "hf_state_dict",
+    "load_quantized",
     "load_tokenizer",
     "models",
     "nn",
     "parameter_count",
     "params",
+    "quantize",
     "register",
     "save_pretrained",
+    "save_quantized",
     "scan_layers",
     "shard",
     "sharding",
