@@ -84,6 +84,8 @@ def test_dtype_matrix_is_bitwise(stored, stored_dtype, requested, layout):
     _assert_bitwise(model, folder, requested or stored_dtype)
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # starts a process of its own (8 devices): in CI's second step
 def test_dtype_matrix_on_a_mesh(stored, tmp_path):
     """8 simulated devices, (4 fsdp x 2 tensor): every device reads its own box of each
     weight; one subprocess for the whole matrix (the devices must exist before JAX starts)."""
@@ -348,6 +350,8 @@ def rss_checkpoints(tmp_path_factory):
     return {"plain": plain, "aligned": aligned}
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # starts processes of its own: in CI's second step
 @pytest.mark.parametrize("layout", ["plain", "aligned"])
 def test_float32_load_peak_rss_stays_near_the_weights(rss_checkpoints, layout):
     """A float32 load of a float32 file, in a fresh process: peak RSS above the runtime
