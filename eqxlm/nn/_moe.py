@@ -119,7 +119,7 @@ def _gather(x, index, gate_w, up_w, down_w, activation, block_size):
     # (`gate_w[index]`) ran 60x slower per layer on CPU (a copy, then a batched dot that
     # XLA transposed); a dynamic index inside the scan, 3.5x.
     seq, k = index.shape
-    branches = [functools.partial(_one_expert_rows, e, activation) for e in range(gate_w.shape[0])]
+    branches = [functools.partial(_one_expert, e, activation) for e in range(gate_w.shape[0])]
 
     def body(_, pair):
         row, e = pair
@@ -129,10 +129,11 @@ def _gather(x, index, gate_w, up_w, down_w, activation, block_size):
     return jax.lax.scan(body, None, (rows, index.reshape(-1)))[1].reshape(seq, k, -1)
 
 
-def _one_expert_rows(e, activation, x, gate_w, up_w, down_w):
-    """Expert `e` on a few rows, input-first (`x @ w.T`): for one row on XLA:CPU this beat
-    the weight-first form (45 vs 58 ms a decode step of the 0.5B Mixtral)."""
-    return (activation(x @ gate_w[e].T) * (x @ up_w[e].T)) @ down_w[e].T
+def _one_expert(e, activation, x, gate_w, up_w, down_w):
+    """Expert `e` of the stack on rows `x` (a `lax.switch` branch of the gather and grouped
+    paths). Input-first, as `_expert_mlp`: for one row on XLA:CPU this beat the weight-first
+    form (45 vs 58 ms a decode step of the 0.5B Mixtral)."""
+    return _expert_mlp(x, gate_w[e], up_w[e], down_w[e], activation)
 
 
 def _gather_indexed(x, index, gate_w, up_w, down_w, activation, block_size):
@@ -142,9 +143,6 @@ def _gather_indexed(x, index, gate_w, up_w, down_w, activation, block_size):
     h = activation(jnp.einsum("sh,skih->ski", x, g)) * jnp.einsum("sh,skih->ski", x, u)
     return jnp.einsum("ski,skhi->skh", h, d)
 
-
-def _one_expert(e, activation, x, gate_w, up_w, down_w):
-    return _expert_mlp(x, gate_w[e], up_w[e], down_w[e], activation)
 
 
 def _dense(x, index, gate_w, up_w, down_w, activation, block_size):
