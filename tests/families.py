@@ -35,8 +35,7 @@ CASES: dict[str, tuple[str, dict]] = {
     # an attention soft-cap that binds (1.5), queries scaled by 8 ** -0.5 (not head_dim
     # 16 ** -0.5), layers sliding (window 3 < the sequences) / global alternating over 4 layers
     # (the scanned layout is one segment of period 2). Then a final soft-cap that binds (4.0;
-    # not on the first case, whose scanned check compares at 1e-6 of the logits' size, which a
-    # cap shrinks), attention_bias, MHA and an untied head.
+    # not on the first case, so its logits stay large), attention_bias, MHA and an untied head.
     "gemma2-capped": ("gemma2", {"sliding_window": 3, "attn_logit_softcapping": 1.5, "query_pre_attn_scalar": 8}),
     "gemma2-untied-bias": (
         "gemma2",

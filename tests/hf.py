@@ -1,5 +1,7 @@
 """Helpers shared by the tests: tiny transformers checkpoints and torch -> eqxlm copies."""
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -265,6 +267,15 @@ def copy_from_torch(ours, torch_module, prefix: str = "", key_map=None):
             assert not ref.index, "copy_from_torch takes unstacked layers"
             new[ref.leaf] = jnp.asarray(part).astype(leaves[ref.leaf].dtype)
     return jax.tree_util.tree_unflatten(treedef, new)
+
+
+def float64_copy(model):
+    """A float64 copy of a transformers model: the exact-arithmetic reference. Mixture-of-experts
+    layers switch to the eager experts loop (torch's grouped matmul has no float64)."""
+    exact = copy.deepcopy(model).double()
+    if getattr(exact, "_can_set_experts_implementation", lambda: False)():
+        exact.set_experts_implementation("eager")
+    return exact
 
 
 def run_hf(model, ids: np.ndarray, mask: np.ndarray | None = None, position_ids: np.ndarray | None = None, **kw):

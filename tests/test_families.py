@@ -9,7 +9,7 @@ made with transformers (cases in `tests/families.py`):
 4. `save_pretrained` output loads in transformers with the same logits, and import then
    export is bitwise;
 
-plus the scanned layout: logits equal to the unrolled model within 1e-6 and the same greedy
+plus the scanned layout: logits as accurate as the unrolled model's (against float64) and the same greedy
 tokens.
 """
 
@@ -29,7 +29,7 @@ import torch
 import transformers
 from conftest import LOGITS_ATOL
 from families import CASES
-from hf import hf_model, run_hf, save_hf
+from hf import float64_copy, hf_model, run_hf, save_hf
 from safetensors.numpy import load_file
 
 import eqxlm
@@ -181,7 +181,15 @@ def test_scanned_layers_equal_unrolled(rich):
     ids = np.random.default_rng(5).integers(0, _vocab(ref), size=SHAPE)
     a = np.asarray(forward(ours, jnp.asarray(ids, jnp.int32), _ones(ids)))
     b = np.asarray(forward(scanned, jnp.asarray(ids, jnp.int32), _ones(ids)))
-    np.testing.assert_allclose(a, b, atol=1e-6 * max(1.0, np.abs(a).max()), rtol=0)
+    # Scanning costs no accuracy: against transformers in float64, the scanned model's error is
+    # at most twice the unrolled model's (plus 2 float32 ulps of the logits' size). The two
+    # layouts differ only in XLA's fusion and FMA choices, by float32 rounding: on Gemma's case
+    # each is 1.4e-6 of the logits' size from float64, and they differ by 0.9e-6 (XLA -O3) to
+    # 1.5e-6 (-O0/-O2), so a fixed bound at that level tested the compiler, not eqxlm.
+    exact = run_hf(float64_copy(ref), ids).logits.numpy()
+    scale = max(1.0, np.abs(exact).max())
+    err_unrolled, err_scanned = np.abs(a - exact).max(), np.abs(b - exact).max()
+    assert err_scanned <= 2 * err_unrolled + 2 * np.finfo(np.float32).eps * scale, (err_scanned, err_unrolled, scale)
     # the greedy check's request (its unrolled compile is reused), left padding included
     prompt = np.random.default_rng(3).integers(3, _vocab(ref), size=(2, 7))
     mask = np.ones_like(prompt)
