@@ -348,7 +348,7 @@ def bench_train(reps, quick):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            return float(loss)
+            return float(loss.detach())
 
         return step
 
@@ -465,7 +465,7 @@ def main(argv=None):
         return
     if args.train:
         rows, memory, (batch, seq, long_seq), count = bench_train(reps, args.quick)
-        print(f"## training step, Llama {count / 1e6:.0f}M parameters, batch {batch} x {seq} tokens, AdamW\n")
+        print(f"## training step, Llama {count / 1e6:.1f}M parameters, batch {batch} x {seq} tokens, AdamW\n")
         print("| precision | eqxlm | transformers + torch AdamW | eqxlm / transformers | eqxlm first step (s) |")
         print("|---|---|---|---|---|")
         for label, r in rows.items():
