@@ -306,8 +306,8 @@ def bench_train(reps, quick):
     one device. transformers: `LlamaForCausalLM` (sdpa attention) with `torch.optim.AdamW`
     and `clip_grad_norm_`, mixed precision by `torch.autocast("cpu", torch.bfloat16)`.
     The two are timed in turns, one step of each, after two warm-up steps. Also: the
-    compiled step's memory at sequence 2048 (batch 1) with and without remat (XLA's
-    `memory_analysis`: arguments + temporaries)."""
+    compiled step's memory at sequence 2048 (batch 1), unrolled and scanned layers, with and
+    without remat (XLA's `memory_analysis`: arguments + temporaries)."""
     import torch
     import transformers
     from jax.sharding import NamedSharding
@@ -323,8 +323,8 @@ def bench_train(reps, quick):
     mesh = jax.make_mesh((1,), ("data",))
     replicated = NamedSharding(mesh, P())
 
-    def eqxlm_step(compute_dtype, remat=False):
-        model = eqxlm.DecoderLM(eqxlm.LlamaConfig(**shape), key=jax.random.key(0))
+    def eqxlm_step(compute_dtype, remat=False, scanned=False):
+        model = eqxlm.DecoderLM(eqxlm.LlamaConfig(**shape), key=jax.random.key(0), scan_layers=scanned)
         params, static = eqx.partition(model, eqx.is_array)
         optimizer = make_optimizer(1e-4, total_steps=1000)
         with jax.numpy_dtype_promotion("standard"):
@@ -379,15 +379,16 @@ def bench_train(reps, quick):
         del fn, state, theirs
     long_seq = 256 if quick else 2048
     memory = {}
-    for remat in (False, True):
+    for layout in ("unrolled", "scanned"):
         for label, dtype in (("float32", jnp.float32), ("bfloat16 mixed", jnp.bfloat16)):
-            fn, state = eqxlm_step(dtype, remat=remat)
-            abstract = jax.ShapeDtypeStruct((1, 1, long_seq), jnp.int32)
-            analysis = fn.lower(*state, abstract).compile().memory_analysis()
-            memory[(label, remat)] = {
-                "arguments (GiB)": analysis.argument_size_in_bytes / 2**30,
-                "temporaries (GiB)": analysis.temp_size_in_bytes / 2**30,
-            }
+            for remat in (False, True):
+                fn, state = eqxlm_step(dtype, remat=remat, scanned=layout == "scanned")
+                abstract = jax.ShapeDtypeStruct((1, 1, long_seq), jnp.int32)
+                analysis = fn.lower(*state, abstract).compile().memory_analysis()
+                memory[(label, layout, remat)] = {
+                    "arguments (GiB)": analysis.argument_size_in_bytes / 2**30,
+                    "temporaries (GiB)": analysis.temp_size_in_bytes / 2**30,
+                }
     count = eqxlm.parameter_count(eqxlm.DecoderLM(eqxlm.LlamaConfig(**shape), key=jax.random.key(0)))
     return rows, memory, (batch, seq, long_seq), count
 
@@ -473,15 +474,18 @@ def main(argv=None):
             print(f"| {label} | {r['eqxlm'].cell(' tok/s')} | {r['transformers'].cell(' tok/s')} | {ratio:.2f}x | "
                   f"{r['eqxlm first step (s)']:.1f} |")  # fmt: skip
         print(f"\n## eqxlm step memory at sequence {long_seq} (batch 1; XLA memory_analysis of the compiled step)\n")
-        print("| precision | remat | arguments (params, AdamW state) | temporaries |\n|---|---|---|---|")
-        for (label, remat), m in memory.items():
-            print(f"| {label} | {'yes' if remat else 'no'} | {m['arguments (GiB)']:.2f} GiB | {m['temporaries (GiB)']:.2f} GiB |")
+        print("| precision | layers | remat | arguments (params, AdamW state) | temporaries |\n|---|---|---|---|---|")
+        for (label, layout, remat), m in memory.items():
+            print(f"| {label} | {layout} | {'yes' if remat else 'no'} | {m['arguments (GiB)']:.2f} GiB | "
+                  f"{m['temporaries (GiB)']:.2f} GiB |")  # fmt: skip
         report["train"] = {
             label: {"eqxlm": r["eqxlm"].runs, "transformers": r["transformers"].runs,
                     "eqxlm first step (s)": r["eqxlm first step (s)"], "losses": r["losses"]}
             for label, r in rows.items()
         }  # fmt: skip
-        report["train_memory"] = {f"{label}/{'remat' if remat else 'no remat'}": m for (label, remat), m in memory.items()}
+        report["train_memory"] = {
+            f"{label}/{layout}/{'remat' if remat else 'no remat'}": m for (label, layout, remat), m in memory.items()
+        }
         if args.json:
             args.json.write_text(json.dumps(report, indent=1))
         return
