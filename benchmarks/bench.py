@@ -3,6 +3,11 @@
     python benchmarks/bench.py                 # the full suite (~30 min on 2 cores)
     python benchmarks/bench.py --quick         # small shapes, seconds (the tests run this)
     python benchmarks/bench.py --quant         # batch-1 decode: float32 vs int8 vs int4 (eqxlm.quantize)
+    python benchmarks/bench.py --quant-quality # what int8 / int4 cost in quality (quant_quality.py)
+    python benchmarks/bench.py --only-load     # from_pretrained seconds and peak RSS, every dtype, sharded too
+    python benchmarks/bench.py --layers        # compile time against depth, unrolled vs scanned layers
+    python benchmarks/bench.py --train         # training step vs transformers + torch AdamW; remat memory
+    python benchmarks/bench.py --long-context  # 2k / 8k prefill memory and speed (long_context.py), 33k decode test
 
 Shapes: a BLOOM-560m-shaped model (vocab 250880, hidden 1024, 24 layers, 16 heads) and a
 Mistral-shaped ~0.5B model (vocab 32000, hidden 1024, intermediate 3584, 16 layers, 16 heads,
@@ -18,6 +23,7 @@ batch-1 decode is also given as a fraction of bandwidth / bytes-per-token.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -257,10 +263,35 @@ def bench_quant(reps, quick):
 
 
 # -- layers: unrolled against scanned ------------------------------------------------------
+@contextlib.contextmanager
+def compile_seconds():
+    """The seconds JAX spends tracing, lowering to StableHLO and compiling with XLA while the
+    block runs, from its own `jax.monitoring` events (execution excluded, unlike a first call
+    minus a steady one, which on a busy machine mixes in the run's own noise)."""
+    events = {
+        "/jax/core/compile/jaxpr_trace_duration": "trace",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+        "/jax/core/compile/backend_compile_duration": "xla",
+    }
+    total = dict.fromkeys(events.values(), 0.0)
+
+    def listener(event, duration, **_):
+        if event in events:
+            total[events[event]] += duration
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield total
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def bench_layers(reps, quick):
-    """Compile seconds of a prefill and of the decode loop at 2 and 24 layers (quick: 2 and 6),
-    unrolled and scanned (`scan_layers=True`), and batch-1 decode tokens/s in both layouts, on a
-    BLOOM-560m-wide model (hidden 1024, 16 heads) with a 32k vocabulary, random weights."""
+    """Compile seconds of a prefill and of `generate` (its prefill and decode loop) at 2 and 24
+    layers (quick: 2 and 6), unrolled and scanned (`scan_layers=True`), and batch-1 decode
+    tokens/s in both layouts, on a BLOOM-560m-wide model (hidden 1024, 16 heads) with a 32k
+    vocabulary, random weights. Compile seconds are JAX's own tracing + lowering + XLA
+    compile events (`compile_seconds`), each from a fresh compile."""
     width = dict(vocab_size=512, hidden_size=64, n_head=4) if quick else dict(vocab_size=32000, hidden_size=1024, n_head=16)
     depths = (2, 6) if quick else (2, 24)
     prompt = 32 if quick else 128
@@ -270,19 +301,23 @@ def bench_layers(reps, quick):
         for layout in ("unrolled", "scanned"):
             model = eqxlm.DecoderLM(config, key=jax.random.key(0), scan_layers=layout == "scanned")
             ids = jnp.asarray(np.arange(prompt) % config.vocab_size, jnp.int32)
-            compiles = []
+            compiles, loops = [], []
             for _ in range(reps):  # a fresh function each time: every call compiles
                 fn = eqx.filter_jit(lambda m, i: m(i).logits)
-                first = timed(lambda fn=fn: fn(model, ids).block_until_ready(), 1)[0]
-                steady = statistics.median(timed(lambda fn=fn: fn(model, ids).block_until_ready(), 2))
-                compiles.append(first - steady)
+                with compile_seconds() as spent:
+                    fn(model, ids).block_until_ready()
+                compiles.append(sum(spent.values()))
             gids = np.asarray(ids[None, :prompt])
-            first = timed(lambda: eqxlm.generate(model, gids, max_new_tokens=LONG, eos_token_id=[]).block_until_ready(), 1)[0]
+            for _ in range(reps):
+                jax.clear_caches()  # generate's compiled loop is cached per shape: clear it to compile again
+                with compile_seconds() as spent:
+                    eqxlm.generate(model, gids, max_new_tokens=LONG, eos_token_id=[]).block_until_ready()
+                loops.append(sum(spent.values()))
             t_long = timed(lambda: eqxlm.generate(model, gids, max_new_tokens=LONG, eos_token_id=[]).block_until_ready(), reps)
             t_short = timed(lambda: eqxlm.generate(model, gids, max_new_tokens=SHORT, eos_token_id=[]).block_until_ready(), reps)
             rows[(depth, layout)] = {
                 "compile prefill (s)": Stat(compiles),
-                "compile decode loop (s)": Stat([first - statistics.median(t_long)]),
+                "compile generate (s)": Stat(loops),
                 "decode batch 1": decode_rate(1, t_long, t_short),
             }
     return depths, rows
@@ -421,6 +456,15 @@ def bench_torch(folder, dtype, reps, prompts, decode_batches):
     return res
 
 
+def _run(command: list[str]) -> None:
+    print(f"$ {' '.join(command)}", flush=True)
+    subprocess.run(command, check=True)
+
+
+def _run_script(name: str, *args: str) -> None:
+    _run([sys.executable, str(HERE / name), *args])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes and few runs (seconds)")
@@ -433,7 +477,24 @@ def main(argv=None):
     parser.add_argument("--layers", action="store_true", help="only compile time and decode speed, unrolled vs scanned layers")
     parser.add_argument("--quant", action="store_true", help="only batch-1 decode of float32 vs eqxlm.quantize int8 / int4")
     parser.add_argument("--train", action="store_true", help="only training steps/s (~125M Llama, seq 512) vs torch AdamW")
+    parser.add_argument(
+        "--long-context", action="store_true",
+        help="only long context: 2k/8k prefill memory and speed vs transformers (long_context.py), then the 33k decode test",
+    )  # fmt: skip
+    parser.add_argument("--quant-quality", action="store_true", help="only the quality cost of int8/int4 (quant_quality.py)")
     args = parser.parse_args(argv)
+    if args.long_context or args.quant_quality:  # scripts of their own (fresh processes), run from here
+        if args.long_context:
+            lengths = "512,1024" if args.quick else "2048,8192"
+            first = lengths.split(",")[0]
+            reps = str(args.reps or 1)
+            _run_script("long_context.py", "--lengths", lengths, "--reps", reps, "--torch", "--no-blocks-up-to", first)
+            test = Path(__file__).resolve().parent.parent / "tests" / "test_long_decode.py"
+            print("\n## decoding past 32k positions with a sliding-window cache (against transformers)\n", flush=True)
+            _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", str(test)])
+        if args.quant_quality:
+            _run_script("quant_quality.py", *(["--new", "16"] if args.quick else []))
+        return
     shapes = QUICK_SHAPES if args.quick else SHAPES
     reps = args.reps or (2 if args.quick else 3)
     dtypes = args.dtypes or (["float32"] if args.quick else ["float32", "bfloat16"])
@@ -495,14 +556,14 @@ def main(argv=None):
         print("| figure | " + " | ".join(f"{d} layers, {lay}" for d in depths for lay in ("unrolled", "scanned")) + " |")
         print("|---|" + "---|" * (2 * len(depths)))
         layouts = [(d, lay) for d in depths for lay in ("unrolled", "scanned")]
-        for key in ("compile prefill (s)", "compile decode loop (s)", "decode batch 1"):
+        for key in ("compile prefill (s)", "compile generate (s)", "decode batch 1"):
             unit = "" if "(s)" in key else " tok/s"
             print(f"| {key} | " + " | ".join(rows[c][key].cell(unit) for c in layouts) + " |")
         for lay in ("unrolled", "scanned"):
             deep, shallow = rows[(depths[1], lay)], rows[(depths[0], lay)]
             ratio = deep["compile prefill (s)"].median / shallow["compile prefill (s)"].median
-            loop = deep["compile decode loop (s)"].median / shallow["compile decode loop (s)"].median
-            print(f"\n{lay}: {depths[1]}-layer / {depths[0]}-layer compile: prefill {ratio:.2f}x, decode loop {loop:.2f}x")
+            loop = deep["compile generate (s)"].median / shallow["compile generate (s)"].median
+            print(f"\n{lay}: {depths[1]}-layer / {depths[0]}-layer compile: prefill {ratio:.2f}x, generate {loop:.2f}x")
         report["layers"] = {f"{d}/{lay}": {k: v.runs for k, v in r.items()} for (d, lay), r in rows.items()}
         if args.json:
             args.json.write_text(json.dumps(report, indent=1))

@@ -1,14 +1,16 @@
 """bfloat16 on XLA:CPU, the variants of `NOTES.md` ("bfloat16 on XLA:CPU"): batch-1 decode
 (`eqxlm.generate`, 64 minus 33 new tokens after a 128-token prompt, as `bench.py`) and prefill
 512 of the Mistral-0.5B shape of `bench.py`, random weights, with every projection's product
-patched (`eqx.nn.Linear.__call__`).
+patched (`eqxlm.nn._linear.affine`, which `eqxlm.nn.project` and `linear` call for a plain
+`eqx.nn.Linear`).
 
     [XLA_FLAGS=...] python benchmarks/bf16_variants.py DTYPE VARIANT
 
-VARIANT: as-is (`w @ x`), f32acc (`preferred_element_type=float32`, rounded once), upcast
-(weights converted to float32 inside the step), reduce (one token as a float32
-multiply-reduce; prefill as upcast). One process per variant (XLA reads its flags once).
-Prints one line. No asserts: this measures.
+VARIANT: as-is (eqxlm as shipped: since 2026-11-29 float32 accumulation, rounded once after
+the bias), plain (`x @ w.T + b` in the storage dtype: eqxlm before), f32acc (as-is written
+out: `preferred_element_type=float32`), upcast (weights converted to float32 inside the step),
+reduce (one token as a float32 multiply-reduce; prefill as upcast). One process per variant
+(XLA reads its flags once). Prints one line. No asserts: this measures.
 """
 
 import statistics
@@ -31,25 +33,26 @@ F32 = jnp.float32
 MODE = {"decode": True}
 
 
-def patched_call(variant):
-    def call(self, x, *, key=None):
-        w, b = self.weight, self.bias
+def patched_affine(variant):
+    def affine(layer, x):  # x: one token or a sequence
+        w, b = layer.weight, layer.bias
         if variant == "f32acc":
-            y = jnp.dot(w, x, preferred_element_type=F32).astype(x.dtype)
-        elif variant == "upcast" or (variant == "reduce" and not MODE["decode"]):
-            y = (w.astype(F32) @ x.astype(F32)).astype(x.dtype)
+            y = jnp.matmul(x, w.T, preferred_element_type=F32)
+            return (y if b is None else y + b.astype(F32)).astype(x.dtype)
+        if variant == "upcast" or (variant == "reduce" and not MODE["decode"]):
+            y = (x.astype(F32) @ w.astype(F32).T).astype(x.dtype)
         elif variant == "reduce":
-            y = (w.astype(F32) * x.astype(F32)).sum(-1).astype(x.dtype)
+            y = (w.astype(F32) * x.astype(F32)[..., None, :]).sum(-1).astype(x.dtype)
         else:
-            y = w @ x
+            y = x @ w.T
         return y if b is None else y + b
 
-    return call
+    return affine
 
 
 def main(dtype, variant):
     if variant != "as-is":
-        eqx.nn.Linear.__call__ = patched_call(variant)
+        eqxlm.nn._linear.affine = patched_affine(variant)
     model = eqxlm.DecoderLM(bench.SHAPES["mistral-0.5b"], key=jax.random.key(0), dtype=jnp.dtype(dtype))
     gids = np.random.default_rng(1).integers(0, 32000, (1, 128)).astype(np.int32)
 

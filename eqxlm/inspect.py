@@ -61,7 +61,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .nn import Attention, DecoderLayer, LayerStack, SparseMoE, _taps, feed_forward
+from .nn import AbstractPositionScheme, Attention, DecoderLayer, LayerStack, SparseMoE, _taps, linear, project
 
 ATTENTION_POINTS = ("q", "k", "v", "probs", "z")
 ROUTER_POINTS = ("router_logits", "routing_weights", "selected_experts")
@@ -138,10 +138,14 @@ class Hook(eqx.Module):
         module, config = self.module, self.config
         if inner_points:
             return module(x, *args, taps=_Taps(self, inner_points), **kwargs)
+        if config.token_wise and not (args or kwargs):  # one token (a projection inside an MLP)
+            return project(module, x)
         if config.token_wise or args or kwargs or isinstance(module, (Attention, DecoderLayer)):
             return module(x, *args, **kwargs)
         if isinstance(module, eqx.nn.Linear):  # called through `eqxlm.nn.linear`, on the whole sequence
-            return jax.vmap(module)(x)
+            return linear(module, x)
+        if isinstance(module, eqx.nn.Embedding):  # called by the model's `embed` with the token ids
+            return module.weight[x]
         if config.token_scope and _taps.active() and not getattr(module, "sequence_wise", False):
             keys: list = []
 
@@ -155,7 +159,7 @@ class Hook(eqx.Module):
             for key, value in zip(keys, captured, strict=True):
                 _taps.record(key, value)
             return y
-        return feed_forward(module, x)
+        return _taps.each_token(module, x)
 
     def __call__(self, x, *args, **kwargs):
         x = self._apply("input", x)
@@ -328,10 +332,21 @@ def _add(model, name: str | None, where, point_override, captures: bool, patch_s
             f"{module_name}: modules inside the MLP run one token at a time, so a patch applies per token: give "
             f"`value`/`add` one token's shape (got {jnp.shape(value)}), use `fn=`, or patch the MLP's input or output."
         )
-    if token_wise and getattr(_getter(steps[:parent_mlp])(model), "sequence_wise", False):
+    parent = _getter(steps[:parent_mlp])(model) if token_wise else None
+    if token_wise and getattr(parent.module if isinstance(parent, Hook) else parent, "sequence_wise", False):
         raise ValueError(f"{module_name}: the MLP takes the whole sequence (a mixture of experts); hook the MLP itself.")
     getter = _getter(steps)
     target = getter(model)
+    if isinstance(target, AbstractPositionScheme):
+        raise ValueError(
+            f"{module_name}: a position scheme is applied to q and k (rotary) or added to the scores (ALiBi), "
+            "not called on activations; capture the attention's `q` / `k` / `probs` points."
+        )
+    if _per_head_weights(_module_names(model), module_name):
+        raise ValueError(
+            f"{module_name}: this norm holds one weight per head and runs inside the attention's per-head "
+            "vmap, so it cannot be hooked; capture the attention's `q` / `k` points (after the norm and rotary)."
+        )
     stacked = reps > 0
     hook = target if isinstance(target, Hook) else Hook(target, (), HookConfig(stacked=stacked, token_wise=token_wise))
     config, values = hook.config, list(hook.values)
@@ -426,17 +441,34 @@ def unhook(model):
     return jax.tree.map(lambda x: unhook(x.module) if is_hook(x) else x, model, is_leaf=is_hook)
 
 
+def _per_head_weights(names: dict[str, Any], module_name: str) -> bool:
+    """Whether `module_name` is an attention's q/k norm with one weight per head (Cohere);
+    `names` from `_module_names`."""
+    parent, _, last = module_name.rpartition(".")
+    if last not in ("q_norm", "k_norm"):
+        return False
+    attention = names.get(parent)
+    return isinstance(attention, Attention) and attention.qk_norm == "head_weights"
+
+
 def hook_names(model) -> list[str]:
-    """Every module name and point name `model` offers."""
+    """Every module name and point name `model` offers (each can be captured or patched;
+    inside a mixture of experts, which runs on the whole sequence, only its router points)."""
     out = []
-    for name, node in _module_names(model).items():
-        if not name or isinstance(node, LayerStack):
+    names = _module_names(model)
+    moe = tuple(name + "." for name, node in names.items() if isinstance(node, SparseMoE))
+    for name, node in names.items():
+        if not name or isinstance(node, (LayerStack, AbstractPositionScheme)) or name.startswith(moe):
+            continue
+        if _per_head_weights(names, name):
             continue
         out.append(name)
         if isinstance(node, DecoderLayer):
             out += [f"{name}.{p}" for p in LAYER_POINTS]
         if isinstance(node, Attention):
             out += [f"{name}.{p}" for p in ATTENTION_POINTS]
+        if isinstance(node, SparseMoE):
+            out += [f"{name}.{p}" for p in ROUTER_POINTS]
     return out
 
 

@@ -42,6 +42,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .inspect import _getter, _locate, _module_names
+from .nn._linear import affine, matmul
 from .params import KeyMap, param_refs
 
 PEFT_PREFIX = "base_model.model."
@@ -107,13 +108,13 @@ class LoRALinear(eqx.nn.Linear):
         return eqx.nn.Linear(self.in_features, self.out_features, self.use_bias, dtype=self.weight.dtype, key=jax.random.key(0))
 
     def __call__(self, x, *, key=None):
-        y = super().__call__(x)
+        y = affine(self, x)
         if self.merged:
             return y
         if self.dropout_key is not None and self.dropout > 0:
             keep = jax.random.bernoulli(self.dropout_key, 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0.0).astype(x.dtype)
-        delta = self.lora_B.astype(x.dtype) @ (self.lora_A.astype(x.dtype) @ x)
+        delta = matmul(self.lora_B.astype(x.dtype), matmul(self.lora_A.astype(x.dtype), x))  # peft: two Linear layers
         return y + delta * jnp.asarray(self.scaling, x.dtype)
 
 

@@ -161,11 +161,13 @@ def test_mlp_neurons_captured_inside_the_token_wise_block(case):
     _, acts = run(inspect.capture(model, [f"{point}.down_proj:input", f"{point}:input"]), jnp.asarray(IDS))
     mlp = _layers(model)[1].mlp
     x = acts[f"{point}:input"]
+    project = eqxlm.nn.project
     if isinstance(mlp, eqxlm.nn.GatedMLP):
-        want = jax.vmap(lambda t: mlp.activation(mlp.gate_proj(t)) * mlp.up_proj(t))(x)
+        want = jax.vmap(lambda t: mlp.activation(project(mlp.gate_proj, t)) * project(mlp.up_proj, t))(x)
     else:
-        want = jax.vmap(lambda t: mlp.activation(mlp.up_proj(t)))(x)
-    np.testing.assert_allclose(acts[f"{point}.down_proj:input"], want, atol=1e-6)
+        want = jax.vmap(lambda t: mlp.activation(project(mlp.up_proj, t)))(x)
+    # float32 rounding only (the hooked run is jitted, this one eager): values up to ~7, a few ulps
+    np.testing.assert_allclose(acts[f"{point}.down_proj:input"], want, atol=1e-6, rtol=1e-6)
 
 
 def test_vmap_and_jit_over_a_batch(case):
@@ -271,3 +273,51 @@ def test_patching_inside_the_token_wise_mlp_applies_per_token(case):
     assert not np.allclose(clean[point], got[point])
     with pytest.raises(ValueError, match="one token's shape"):
         inspect.patch(model, f"{point}.down_proj", value=jnp.zeros((len(IDS), model.config.hidden_size)))
+
+
+def test_every_offered_name_captures_at_once_and_leaves_the_logits_alone(case):
+    """Every name `hook_names` offers, captured together in one run: norms (each layer's, q/k,
+    the final one), embeddings and projections included (a norm hooked inside a layer once
+    failed its shape check: the layer vmapped the hook per token). The final norm's capture is
+    transformers' last hidden state, the embedding's is the table's rows."""
+    _, ref, model = case
+    names = inspect.hook_names(model)
+    out, acts = run(inspect.capture(model, names), jnp.asarray(IDS))
+    plain, _ = run(model, jnp.asarray(IDS))
+    np.testing.assert_array_equal(out.logits, plain.logits)
+    assert set(acts) == set(names)
+    want = run_hf(ref, IDS[None], output_hidden_states=True)
+    np.testing.assert_allclose(acts["model.norm"], want.hidden_states[-1][0].numpy(), atol=1e-5)
+    np.testing.assert_array_equal(acts["model.embed_tokens"], model.model.embed_tokens.weight[IDS])
+    _, ids = run(inspect.capture(model, "model.embed_tokens:input"), jnp.asarray(IDS))
+    np.testing.assert_array_equal(ids["model.embed_tokens:input"], IDS)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmo2"])
+def test_query_key_norms_capture_and_patch(family, tmp_path):
+    """q/k norms per head (Qwen3: captures `(seq, heads, head_dim)`) and over the whole
+    projection (OLMo-2: `(seq, heads * head_dim)`); zeroing the key norm's output makes every
+    score zero, so the first layer's attention is uniform over the visible keys."""
+    model = eqxlm.from_pretrained(save_hf(hf_model(family), tmp_path))
+    attn = model.model.layers[0].self_attn
+    norms = ["model.layers.0.self_attn.q_norm", "model.layers.0.self_attn.k_norm"]
+    _, acts = run(inspect.capture(model, norms), jnp.asarray(IDS))
+    per_head = family == "qwen3"
+    q_shape = (len(IDS), attn.num_heads, attn.head_dim) if per_head else (len(IDS), attn.num_heads * attn.head_dim)
+    assert acts["model.layers.0.self_attn.q_norm"].shape == q_shape
+    zeroed = inspect.patch(model, "model.layers.0.self_attn.k_norm", value=0.0)
+    patched = inspect.capture(zeroed, "model.layers.0.self_attn.probs")
+    _, acts = run(patched, jnp.asarray(IDS))
+    uniform = np.tril(np.ones((len(IDS), len(IDS)))) / np.arange(1, len(IDS) + 1)[:, None]
+    want = np.broadcast_to(uniform, (attn.num_heads, *uniform.shape))
+    np.testing.assert_allclose(acts["model.layers.0.self_attn.probs"], want, atol=1e-6)
+
+
+def test_norms_with_a_weight_per_head_are_refused_by_name(tmp_path):
+    """Cohere's q/k norms run inside the attention's per-head vmap: refused with a message that
+    names them and the points to use instead; not offered by `hook_names`."""
+    model = eqxlm.from_pretrained(save_hf(hf_model("cohere", use_qk_norm=True), tmp_path))
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_norm: .*one weight per head.*`q` / `k` points"):
+        inspect.capture(model, "model.layers.0.self_attn.q_norm")
+    assert "model.layers.0.self_attn.q_norm" not in inspect.hook_names(model)
+    assert "model.layers.0.self_attn.q" in inspect.hook_names(model)

@@ -38,8 +38,9 @@ from ..nn import (
     regroup,
     run_layers,
 )
-from ..nn._linear import make_linear
+from ..nn._linear import linear, make_linear, matmul
 from ..nn._rotary import longrope_uses_long
+from ..nn._taps import each_token
 from ._contract import AbstractCausalLM, GenerationConfig, ModelOutput
 
 
@@ -290,10 +291,13 @@ def resolve_positions(
 
 
 @typecheck
-def embed(embedding: eqx.nn.Embedding, input_ids: Int[Array, " seq"], what: str = "token id") -> Float[Array, "seq hidden"]:
-    """Look up embeddings; an id outside the table is an error (never clamped)."""
+def embed(embedding: eqx.Module, input_ids: Int[Array, " seq"], what: str = "token id") -> Float[Array, "seq hidden"]:
+    """Look up embeddings in `embedding` (an `eqx.nn.Embedding`, or an `eqxlm.inspect` hook
+    around one); an id outside the table is an error (never clamped)."""
     size = embedding.weight.shape[0]
     input_ids = eqx.error_if(input_ids, jnp.any((input_ids < 0) | (input_ids >= size)), f"{what} out of range [0, {size})")
+    if getattr(embedding, "sequence_wise", False):  # a hook: it captures / patches the looked-up vectors
+        return embedding(input_ids)
     return embedding.weight[input_ids]
 
 
@@ -372,7 +376,7 @@ class Decoder(eqx.Module):
         if self.embed_positions is not None:
             x = x + embed(self.embed_positions, positions, "position id")
         if self.embed_norm is not None:
-            x = jax.vmap(self.embed_norm)(x)
+            x = each_token(self.embed_norm, x)
         embedded = x
         frames, cache = attention_frames(spec.windows, positions, valid, cache)
         frame_of = dict(zip(spec.windows, frames, strict=True))
@@ -387,7 +391,7 @@ class Decoder(eqx.Module):
             self.layers, x, call, None if cache is None else cache.layers, collect=collect
         )
         if self.norm is not None:
-            x = jax.vmap(self.norm)(x)
+            x = each_token(self.norm, x)
         return ModelOutput(
             last_hidden_state=x,
             hidden_states=(embedded, *outs[:-1], x) if output_hidden_states else None,
@@ -452,9 +456,9 @@ class DecoderLM(AbstractCausalLM):
         scaling / soft-capping."""
         spec = self.model.spec
         if self.lm_head is None:
-            logits = jax.vmap(lambda h: self.model.embed_tokens.weight @ h)(hidden)
+            logits = matmul(hidden, self.model.embed_tokens.weight.T)
         else:
-            logits = jax.vmap(self.lm_head)(hidden)
+            logits = linear(self.lm_head, hidden)
         if spec.logit_scale is not None:
             logits = logits * jnp.asarray(spec.logit_scale, logits.dtype)
         if spec.logit_divisor is not None:

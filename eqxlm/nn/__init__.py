@@ -14,7 +14,7 @@
 | `_decoder.py` | `DecoderLayer` (sequential or parallel residual, any norm placement) |
 | `_stack.py` | `LayerStack` (scanned layers), `run_layers`, `plan_segments` |
 | `_moe.py` | `SparseMoE` (router, stacked experts, gather / grouped / dense dispatch), `route` |
-| `_linear.py` | `linear`, `make_linear` (around `eqx.nn.Linear`) |
+| `_linear.py` | `linear`, `project`, `make_linear`, `matmul`, `einsum` (around `eqx.nn.Linear`; float32 accumulation) |
 """
 
 from ._activations import ACTIVATIONS, bloom_gelu, gelu_exact, gelu_fast, gelu_new, gelu_tanh
@@ -22,7 +22,7 @@ from ._alibi import ALiBi, alibi_slopes
 from ._attention import Attention, AttentionFrame, attention_frames, dot_product_attention
 from ._decoder import DecoderLayer, feed_forward
 from ._kv_cache import Cache, CacheWrite, KVCache, SlotTable
-from ._linear import linear, make_linear
+from ._linear import einsum, linear, make_linear, matmul, project
 from ._masks import attention_mask, causal_mask, padding_mask, sliding_window_mask
 from ._mlp import MLP, GatedMLP
 from ._moe import SparseMoE, route
@@ -57,6 +57,7 @@ __all__ = [
     "bloom_gelu",
     "causal_mask",
     "dot_product_attention",
+    "einsum",
     "feed_forward",
     "gelu_exact",
     "gelu_fast",
@@ -64,8 +65,10 @@ __all__ = [
     "gelu_tanh",
     "linear",
     "make_linear",
+    "matmul",
     "padding_mask",
     "plan_segments",
+    "project",
     "regroup",
     "rope_inverse_frequencies",
     "route",

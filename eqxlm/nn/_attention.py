@@ -17,11 +17,11 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from .._typing import typecheck
 from ._alibi import ALiBi
 from ._kv_cache import Cache, CacheWrite, KVCache
-from ._linear import linear, make_linear
+from ._linear import accumulator, einsum, linear, make_linear
 from ._masks import attention_mask
 from ._norm import LayerNorm, RMSNorm
 from ._positions import AbstractPositionScheme
-from ._taps import tap, wants
+from ._taps import each_token, tap, wants
 
 
 @typecheck
@@ -108,7 +108,10 @@ def _attend(query, mask, bias, *, key, value, scale, softcap):
     groups = heads // kv_heads
     dtype = query.dtype
     q = query.reshape(seq, kv_heads, groups, head_dim)
-    scores = jnp.einsum("skgd,tkd->kgst", q, key.astype(dtype)) * jnp.asarray(scale, dtype)
+    scores = einsum("skgd,tkd->kgst", q, key.astype(dtype))
+    # torch multiplies a reduced-float tensor by a Python float in float32 and rounds once
+    # (a scale rounded to bfloat16 first, 8**-0.5 say, moved 2.4% of a layer's probabilities)
+    scores = (scores.astype(accumulator(dtype)) * scale).astype(dtype)
     scores = scores.reshape(heads, seq, kv_seq)
     if softcap is not None:
         scores = jnp.tanh(scores / jnp.asarray(softcap, dtype)) * jnp.asarray(softcap, dtype)
@@ -117,7 +120,7 @@ def _attend(query, mask, bias, *, key, value, scale, softcap):
     if mask is not None:
         scores = jnp.where(mask[None], scores, jnp.finfo(dtype).min)
     weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
-    out = jnp.einsum("kgst,tkd->skgd", weights.reshape(kv_heads, groups, seq, kv_seq), value.astype(dtype))
+    out = einsum("kgst,tkd->skgd", weights.reshape(kv_heads, groups, seq, kv_seq), value.astype(dtype))
     return out.reshape(seq, heads, head_dim), weights
 
 
@@ -265,10 +268,10 @@ class Attention(eqx.Module):
     def _project(self, proj, norm, x, heads):
         y = linear(proj, x)
         if self.qk_norm == "full":
-            y = jax.vmap(norm)(y)
+            y = each_token(norm, y)
         y = y.reshape(x.shape[0], heads, self.head_dim)
         if self.qk_norm == "head":
-            y = jax.vmap(jax.vmap(norm))(y)
+            y = each_token(norm, y)
         elif self.qk_norm == "head_weights":
             y = jax.vmap(jax.vmap(lambda n, t: n(t)), in_axes=(None, 0))(norm, y)
         return y

@@ -3,27 +3,26 @@
 from typing import Any
 
 import equinox as eqx
-import jax
 from jaxtyping import Array, Float
 
 from .._typing import typecheck
 from ._attention import Attention, AttentionFrame
 from ._kv_cache import KVCache
 from ._norm import LayerNorm, RMSNorm
-from ._taps import tap
+from ._taps import each_token, tap
 
 Norm = RMSNorm | LayerNorm
 
 
 def _norm(norm, x):
-    return x if norm is None else jax.vmap(norm)(x)
+    return x if norm is None else each_token(norm, x)
 
 
 def feed_forward(mlp, x: Float[Array, "seq hidden"]) -> Float[Array, "seq hidden"]:
     """Apply a feed-forward block to a sequence: token-wise blocks (`GatedMLP`, `MLP`) are
     vmapped; a block that needs the whole sequence (a mixture of experts, which groups tokens
     by expert) says so with `sequence_wise = True` and is called once."""
-    return mlp(x) if getattr(mlp, "sequence_wise", False) else jax.vmap(mlp)(x)
+    return each_token(mlp, x)
 
 
 class DecoderLayer(eqx.Module):

@@ -9,7 +9,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._typing import typecheck
 from ._activations import gelu_tanh, silu
-from ._linear import make_linear
+from ._linear import make_linear, project
 
 
 class GatedMLP(eqx.Module):
@@ -46,7 +46,7 @@ class GatedMLP(eqx.Module):
 
     @typecheck
     def __call__(self, x: Float[Array, " hidden"]) -> Float[Array, " hidden"]:
-        return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
+        return project(self.down_proj, self.activation(project(self.gate_proj, x)) * project(self.up_proj, x))
 
 
 class MLP(eqx.Module):
@@ -79,4 +79,4 @@ class MLP(eqx.Module):
 
     @typecheck
     def __call__(self, x: Float[Array, " hidden"]) -> Float[Array, " hidden"]:
-        return self.down_proj(self.activation(self.up_proj(x)))
+        return project(self.down_proj, self.activation(project(self.up_proj, x)))

@@ -13,7 +13,22 @@ recorded inside a scan whose row `r` (after stacking) belongs to `name`.
 
 import contextlib
 
+import jax
+
 _STACK: list[dict] = []
+
+
+def each_token(module, x):
+    """Apply `module` (a norm, a token-wise MLP, an embedding) to every vector along the last
+    axis of `x` (one `jax.vmap` per leading axis), or call it once on all of `x` when it says
+    `sequence_wise = True`: an `eqxlm.inspect` hook, which captures and patches the whole
+    block, or a mixture of experts, which groups the tokens by expert."""
+    if getattr(module, "sequence_wise", False):
+        return module(x)
+    fn = module
+    for _ in range(x.ndim - 1):
+        fn = jax.vmap(fn)
+    return fn(x)
 
 
 def active() -> bool:
