@@ -39,6 +39,12 @@ def patched_affine(variant):
         if variant == "f32acc":
             y = jnp.matmul(x, w.T, preferred_element_type=F32)
             return (y if b is None else y + b.astype(F32)).astype(x.dtype)
+        if variant in ("dg", "hybrid"):
+            if variant == "hybrid" and (x.ndim == 1 or x.shape[0] == 1):
+                y = jnp.matmul(x, w.T, preferred_element_type=F32)
+            else:
+                y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=F32)
+            return (y if b is None else y + b.astype(F32)).astype(x.dtype)
         if variant == "upcast" or (variant == "reduce" and not MODE["decode"]):
             y = (x.astype(F32) @ w.astype(F32).T).astype(x.dtype)
         elif variant == "reduce":

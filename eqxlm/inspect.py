@@ -159,6 +159,8 @@ class Hook(eqx.Module):
             for key, value in zip(keys, captured, strict=True):
                 _taps.record(key, value)
             return y
+        if config.token_scope and not getattr(module, "sequence_wise", False):
+            return jax.vmap(module)(x)  # hooks inside run one token at a time, as their patches are given
         return _taps.each_token(module, x)
 
     def __call__(self, x, *args, **kwargs):

@@ -14,12 +14,15 @@ accumulation (`preferred_element_type`) and round the result once to the inputs'
 for float32 inputs they are `jnp.matmul` and `jnp.einsum` unchanged.
 """
 
+import math
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._typing import typecheck
+from ._taps import each_token
 
 
 def make_linear(in_features: int, out_features: int, use_bias: bool, dtype, key: PRNGKeyArray) -> eqx.nn.Linear:
@@ -45,27 +48,37 @@ def einsum(subscripts: str, *operands: Array) -> Array:
 
 
 def affine(layer: eqx.nn.Linear, x: Array) -> Array:
-    """`x @ W.T + b` for one token or a sequence, accumulated in float32 with the bias added
-    before the one rounding (torch's `F.linear`)."""
+    """`x @ W.T + b` for `x` of shape `(*tokens, in)`, accumulated in float32 with the bias
+    added before the one rounding (torch's `F.linear`).
+
+    The product is a `dot_general` contracting both operands' last axes, except for one
+    bfloat16/float16 token (per example: under `jax.vmap` the batch is invisible here), which
+    is `x @ W.T`: XLA:CPU runs the forms very differently. Measured on the 1024 x 3584
+    projection of `benchmarks/bench.py`'s Mistral shape (NOTES.md, bfloat16 on XLA:CPU): one
+    bfloat16 token 0.55 ms as `x @ W.T` (XLA turns it into a reduction along the weight's rows)
+    against 1.4 ms as a `dot_general`; one float32 token the reverse (0.87 against 0.45 ms); 512
+    bfloat16 tokens 4.6-5.5 ms as a `dot_general` against 19 ms as `x @ W.T` (which copies the
+    transposed weight). Every form is the same sum: they differ by float32 rounding at most."""
     dtype = jnp.result_type(x, layer.weight)
-    y = jnp.matmul(x, layer.weight.T, preferred_element_type=accumulator(dtype))
+    acc = accumulator(dtype)
+    if math.prod(x.shape[:-1]) <= 1 and jnp.dtype(dtype).itemsize < 4:
+        y = jnp.matmul(x, layer.weight.T, preferred_element_type=acc)
+    else:
+        y = jax.lax.dot_general(x, layer.weight, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=acc)
     if layer.bias is not None:
         y = y + jnp.broadcast_to(layer.bias.astype(y.dtype), y.shape)
     return y.astype(dtype)
 
 
-def project(layer: eqx.Module, x: Float[Array, " in_features"]) -> Float[Array, " out_features"]:
-    """Apply the projection `layer` to one token `x`: a plain `eqx.nn.Linear` (that type
-    exactly) with torch's arithmetic (see the module's docstring); any other module (a LoRA
-    adapter, a quantized layer, an `eqxlm.inspect` hook, a user's own) is called."""
-    return affine(layer, x) if type(layer) is eqx.nn.Linear else layer(x)
+def project(layer: eqx.Module, x: Float[Array, "*tokens in_features"]) -> Float[Array, "*tokens out_features"]:
+    """Apply the projection `layer` to every token of `x` (one token, a sequence, any leading
+    axes): a plain `eqx.nn.Linear` (that type exactly) as one product with torch's arithmetic
+    (see the module's docstring); any other module (a LoRA adapter, a quantized layer, a
+    user's own) one token at a time, or whole if it is `sequence_wise` (an `eqxlm.inspect` hook)."""
+    return affine(layer, x) if type(layer) is eqx.nn.Linear else each_token(layer, x)
 
 
 @typecheck
 def linear(layer: eqx.Module, x: Float[Array, "seq in_features"]) -> Float[Array, "seq out_features"]:
-    """Apply `layer` to every token of `x`: a plain `eqx.nn.Linear` as one matrix product
-    (as [`project`][]); any other module per token (`jax.vmap(layer)(x)`), or on the whole
-    sequence when it says so with `sequence_wise = True` (an `eqxlm.inspect` hook)."""
-    if type(layer) is eqx.nn.Linear:
-        return affine(layer, x)
-    return layer(x) if getattr(layer, "sequence_wise", False) else jax.vmap(layer)(x)
+    """[`project`][] for a sequence (shape-checked as one)."""
+    return project(layer, x)

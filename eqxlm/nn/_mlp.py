@@ -1,6 +1,7 @@
 """Position-wise feed-forward blocks: gated (SwiGLU / GeGLU) and plain two-layer MLPs."""
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -18,13 +19,15 @@ class GatedMLP(eqx.Module):
     $$\mathrm{mlp}(x) = W_{down}\,\big(\mathrm{act}(W_{gate} x) \odot W_{up} x\big)$$
 
     Mirrors `LlamaMLP`. Checkpoints that fuse `gate_up_proj` (Phi-3) are split on import
-    by their family's key map. Takes one token; `jax.vmap` over a sequence.
+    by their family's key map. Takes one token or any leading token axes (a sequence runs as
+    three matrix products, not one per token).
     """
 
     gate_proj: eqx.nn.Linear
     up_proj: eqx.nn.Linear
     down_proj: eqx.nn.Linear
     activation: Callable = eqx.field(static=True)
+    token_axes: ClassVar[bool] = True  # `__call__` takes any leading token axes (`nn._taps.each_token`)
 
     def __init__(
         self,
@@ -45,7 +48,7 @@ class GatedMLP(eqx.Module):
         self.activation = activation
 
     @typecheck
-    def __call__(self, x: Float[Array, " hidden"]) -> Float[Array, " hidden"]:
+    def __call__(self, x: Float[Array, "*tokens hidden"]) -> Float[Array, "*tokens hidden"]:
         return project(self.down_proj, self.activation(project(self.gate_proj, x)) * project(self.up_proj, x))
 
 
@@ -54,12 +57,13 @@ class MLP(eqx.Module):
 
     BLOOM (`dense_h_to_4h`/`dense_4h_to_h`), GPT-2 (`c_fc`/`c_proj`), GPT-NeoX, Phi and
     StarCoder2 (`fc1`/`fc2`, `c_fc`/`c_proj`) all compute this; their key maps rename the
-    projections to `up_proj`/`down_proj`. One token at a time.
+    projections to `up_proj`/`down_proj`. One token or any leading token axes.
     """
 
     up_proj: eqx.nn.Linear
     down_proj: eqx.nn.Linear
     activation: Callable = eqx.field(static=True)
+    token_axes: ClassVar[bool] = True  # `__call__` takes any leading token axes (`nn._taps.each_token`)
 
     def __init__(
         self,
@@ -78,5 +82,5 @@ class MLP(eqx.Module):
         self.activation = activation
 
     @typecheck
-    def __call__(self, x: Float[Array, " hidden"]) -> Float[Array, " hidden"]:
+    def __call__(self, x: Float[Array, "*tokens hidden"]) -> Float[Array, "*tokens hidden"]:
         return project(self.down_proj, self.activation(project(self.up_proj, x)))

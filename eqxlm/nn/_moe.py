@@ -50,7 +50,7 @@ from .._typing import typecheck
 from ._activations import in_float32, silu
 from ._linear import einsum, make_linear, matmul
 from ._mlp import GatedMLP
-from ._taps import tap
+from ._taps import each_token, tap
 
 DISPATCH = ("auto", "gather", "grouped", "dense")
 
@@ -348,6 +348,6 @@ class SparseMoE(eqx.Module):
         for j in range(self.top_k):
             out = out + (contrib[:, j] * weights[:, j, None]).astype(x.dtype)
         if self.shared_expert is not None:
-            shared = jax.vmap(self.shared_expert)(x)
+            shared = each_token(self.shared_expert, x)
             out = out + in_float32(jax.nn.sigmoid)(matmul(x, self.shared_expert_gate.weight.T)) * shared
         return out

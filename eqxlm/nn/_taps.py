@@ -21,9 +21,10 @@ _STACK: list[dict] = []
 def each_token(module, x):
     """Apply `module` (a norm, a token-wise MLP, an embedding) to every vector along the last
     axis of `x` (one `jax.vmap` per leading axis), or call it once on all of `x` when it says
-    `sequence_wise = True`: an `eqxlm.inspect` hook, which captures and patches the whole
-    block, or a mixture of experts, which groups the tokens by expert."""
-    if getattr(module, "sequence_wise", False):
+    `sequence_wise = True` (an `eqxlm.inspect` hook, which captures and patches the whole
+    block, or a mixture of experts, which groups the tokens by expert) or `token_axes = True`
+    (its `__call__` takes any leading token axes itself: the MLPs, as a few large products)."""
+    if getattr(module, "sequence_wise", False) or getattr(module, "token_axes", False):
         return module(x)
     fn = module
     for _ in range(x.ndim - 1):
