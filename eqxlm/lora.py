@@ -34,6 +34,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -95,6 +96,7 @@ class LoRALinear(eqx.nn.Linear):
     scaling: float = eqx.field(static=True)
     dropout: float = eqx.field(static=True)
     merged: bool = eqx.field(static=True)
+    token_axes: ClassVar[bool] = True  # takes one token or any leading token axes (a sequence: whole products)
 
     def __init__(
         self, base: eqx.nn.Linear, lora_A, lora_B, scaling: float, dropout: float = 0.0, merged: bool = False, dropout_key=None
@@ -114,7 +116,8 @@ class LoRALinear(eqx.nn.Linear):
         if self.dropout_key is not None and self.dropout > 0:
             keep = jax.random.bernoulli(self.dropout_key, 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0.0).astype(x.dtype)
-        delta = matmul(self.lora_B.astype(x.dtype), matmul(self.lora_A.astype(x.dtype), x))  # peft: two Linear layers
+        a, b = self.lora_A.astype(x.dtype), self.lora_B.astype(x.dtype)
+        delta = matmul(matmul(x, a.T), b.T)  # peft: two Linear layers, each rounded once
         return y + delta * jnp.asarray(self.scaling, x.dtype)
 
 

@@ -47,24 +47,30 @@ def einsum(subscripts: str, *operands: Array) -> Array:
     return jnp.einsum(subscripts, *operands, preferred_element_type=accumulator(dtype)).astype(dtype)
 
 
-def affine(layer: eqx.nn.Linear, x: Array) -> Array:
-    """`x @ W.T + b` for `x` of shape `(*tokens, in)`, accumulated in float32 with the bias
-    added before the one rounding (torch's `F.linear`).
+def times_weight(x: Array, weight: Array) -> Array:
+    """`x @ weight.T` for `x` of shape `(*tokens, in)` and a weight stored `(out, in)`,
+    accumulated in float32 (not rounded: [`affine`][] adds the bias first).
 
-    The product is a `dot_general` contracting both operands' last axes, except for one
-    bfloat16/float16 token (per example: under `jax.vmap` the batch is invisible here), which
-    is `x @ W.T`: XLA:CPU runs the forms very differently. Measured on the 1024 x 3584
-    projection of `benchmarks/bench.py`'s Mistral shape (NOTES.md, bfloat16 on XLA:CPU): one
-    bfloat16 token 0.55 ms as `x @ W.T` (XLA turns it into a reduction along the weight's rows)
-    against 1.4 ms as a `dot_general`; one float32 token the reverse (0.87 against 0.45 ms); 512
-    bfloat16 tokens 4.6-5.5 ms as a `dot_general` against 19 ms as `x @ W.T` (which copies the
-    transposed weight). Every form is the same sum: they differ by float32 rounding at most."""
-    dtype = jnp.result_type(x, layer.weight)
+    Several tokens (per example: under `jax.vmap` the batch is invisible here) are a
+    `dot_general` contracting both operands' last axes: for 512 bfloat16 tokens of the 1024 x
+    3584 projection of `benchmarks/bench.py`'s Mistral shape, 4.3 ms against 21 ms as `x @ W.T`
+    (which copies the transposed weight), 4.6x faster than float32. One token is weight-first,
+    `W @ x`: in a vmapped decode step that gave the best whole-model decode at batch 1 and 8 of
+    the forms tried (NOTES.md, bfloat16 on XLA:CPU). Every form is the same sum: they differ by
+    float32 rounding at most."""
+    dtype = jnp.result_type(x, weight)
     acc = accumulator(dtype)
-    if math.prod(x.shape[:-1]) <= 1 and jnp.dtype(dtype).itemsize < 4:
-        y = jnp.matmul(x, layer.weight.T, preferred_element_type=acc)
-    else:
-        y = jax.lax.dot_general(x, layer.weight, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=acc)
+    if math.prod(x.shape[:-1]) <= 1:  # weight-first: what XLA:CPU runs best in a vmapped decode step
+        column = x.reshape(-1, x.shape[-1]).T
+        return jnp.matmul(weight, column, preferred_element_type=acc).T.reshape(*x.shape[:-1], weight.shape[0])
+    return jax.lax.dot_general(x, weight, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=acc)
+
+
+def affine(layer: eqx.nn.Linear, x: Array) -> Array:
+    """`x @ W.T + b` for `x` of shape `(*tokens, in)` ([`times_weight`][]), the bias added in
+    float32 before the one rounding (torch's `F.linear`)."""
+    dtype = jnp.result_type(x, layer.weight)
+    y = times_weight(x, layer.weight)
     if layer.bias is not None:
         y = y + jnp.broadcast_to(layer.bias.astype(y.dtype), y.shape)
     return y.astype(dtype)
