@@ -50,7 +50,12 @@ Captures come back through `run` with generate as the function:
 (the decode loop writes each step's values into a buffer it carries, so nothing leaves the
 compiled loop but arrays). Limits: patching `probs` is refused (they are computed inside the fused
 attention); modules called one token at a time inside the MLP (`mlp.down_proj`) are patched
-per token (`fn` sees one token's vector; `value`/`add` have one token's shape, e.g. a neuron mask).
+per token (`fn` sees one token's vector; `value`/`add` have one token's shape, e.g. a neuron mask),
+so such a hook makes its MLP run token by token: the logits then match the unhooked model's to
+float32 rounding (one product per token instead of one per sequence). `hook_names(model)` lists
+every name that can be hooked: norms, embeddings and q/k norms included; not the modules inside
+a mixture of experts (hook the MLP or its router points), a position scheme (capture `q`/`k`),
+or Cohere's per-head-weight q/k norms, each refused by name if asked for.
 """
 
 import dataclasses
