@@ -11,7 +11,8 @@ for a bfloat16 result and leaves the accumulation to the backend: on XLA:CPU tha
 2.3x slower for a 512-token prefill and rounded differently (`benchmarks/NOTES.md`,
 bfloat16 on XLA:CPU). [`matmul`][] and [`einsum`][] therefore request float32
 accumulation (`preferred_element_type`) and round the result once to the inputs' dtype;
-for float32 inputs they are `jnp.matmul` and `jnp.einsum` unchanged.
+for float32 inputs they are `jnp.matmul` and `jnp.einsum` unchanged. Projections choose the
+product's form by the number of tokens ([`times_weight`][]).
 """
 
 import math
@@ -79,8 +80,9 @@ def affine(layer: eqx.nn.Linear, x: Array) -> Array:
 def project(layer: eqx.Module, x: Float[Array, "*tokens in_features"]) -> Float[Array, "*tokens out_features"]:
     """Apply the projection `layer` to every token of `x` (one token, a sequence, any leading
     axes): a plain `eqx.nn.Linear` (that type exactly) as one product with torch's arithmetic
-    (see the module's docstring); any other module (a LoRA adapter, a quantized layer, a
-    user's own) one token at a time, or whole if it is `sequence_wise` (an `eqxlm.inspect` hook)."""
+    (see the module's docstring); any other module (a quantized layer, a user's own) one token
+    at a time, or whole if it says so: `token_axes` (a LoRA adapter) or `sequence_wise` (an
+    `eqxlm.inspect` hook); see `eqxlm.nn._taps.each_token`."""
     return affine(layer, x) if type(layer) is eqx.nn.Linear else each_token(layer, x)
 
 

@@ -23,7 +23,8 @@ def each_token(module, x):
     axis of `x` (one `jax.vmap` per leading axis), or call it once on all of `x` when it says
     `sequence_wise = True` (an `eqxlm.inspect` hook, which captures and patches the whole
     block, or a mixture of experts, which groups the tokens by expert) or `token_axes = True`
-    (its `__call__` takes any leading token axes itself: the MLPs, as a few large products)."""
+    (its `__call__` takes any leading token axes itself: the MLPs and LoRA adapters, as a few
+    large products)."""
     if getattr(module, "sequence_wise", False) or getattr(module, "token_axes", False):
         return module(x)
     fn = module
