@@ -38,7 +38,7 @@ from ..nn import (
     regroup,
     run_layers,
 )
-from ..nn._linear import linear, make_linear, matmul
+from ..nn._linear import linear, make_linear, times_weight
 from ..nn._rotary import longrope_uses_long
 from ..nn._taps import each_token
 from ._contract import AbstractCausalLM, GenerationConfig, ModelOutput
@@ -456,7 +456,8 @@ class DecoderLM(AbstractCausalLM):
         scaling / soft-capping."""
         spec = self.model.spec
         if self.lm_head is None:
-            logits = matmul(hidden, self.model.embed_tokens.weight.T)
+            table = self.model.embed_tokens.weight  # tied: the head is the table, in a projection's product form
+            logits = times_weight(hidden, table).astype(jnp.result_type(hidden, table))
         else:
             logits = linear(self.lm_head, hidden)
         if spec.logit_scale is not None:

@@ -19,7 +19,7 @@ _STACK: list[dict] = []
 
 
 def each_token(module, x):
-    """Apply `module` (a norm, a token-wise MLP, an embedding) to every vector along the last
+    """Apply `module` (a norm, a token-wise MLP) to every vector along the last
     axis of `x` (one `jax.vmap` per leading axis), or call it once on all of `x` when it says
     `sequence_wise = True` (an `eqxlm.inspect` hook, which captures and patches the whole
     block, or a mixture of experts, which groups the tokens by expert) or `token_axes = True`
