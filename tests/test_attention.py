@@ -73,6 +73,32 @@ def test_long_prompts_attend_in_query_blocks_with_the_same_numbers(monkeypatch, 
     np.testing.assert_allclose(np.asarray(blocked), want[0].numpy(), atol=PART_ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("window", [None, 3])
+def test_query_blocks_read_only_the_keys_they_may_see(monkeypatch, window):
+    """`visible=(0, window)`, what `attention_frames` promises without a cache: each query
+    block reads only the keys its causal or sliding-window mask leaves visible. Every query
+    that sees a key gets the whole-matrix numbers (left padding, a per-query bias, GQA, a
+    soft-cap); and the promise is relied on: with a mask that breaks it, the blocks differ."""
+    from eqxlm.nn import _attention, attention_mask
+
+    monkeypatch.setattr(_attention, "QUERY_CHUNK", 4)
+    seq, heads, kv_heads = 11, 4, 2
+    args = [jnp.asarray(a) for a in (_randn(seq, heads, 8), _randn(seq, kv_heads, 8), _randn(seq, kv_heads, 8))]
+    valid = np.arange(seq) >= 2  # two left-padded tokens
+    slots = jnp.arange(seq, dtype=jnp.int32)
+    key_slots = jnp.where(jnp.asarray(valid), slots, -1)
+    mask = attention_mask(slots, key_slots, key_slots >= 0, window)
+    kw = dict(bias=jnp.asarray(_randn(heads, seq, seq)), softcap=2.0)
+    blocked, none = dot_product_attention(*args, mask=mask, **kw, return_weights=False, visible=(0, window))
+    whole, _ = dot_product_attention(*args, mask=mask, **kw, return_weights=True)
+    assert none is None
+    np.testing.assert_allclose(np.asarray(blocked)[valid], np.asarray(whole)[valid], atol=1e-6, rtol=0)
+    everything = jnp.ones((seq, seq), bool)
+    blocked, _ = dot_product_attention(*args, mask=everything, **kw, return_weights=False, visible=(0, window))
+    whole, _ = dot_product_attention(*args, mask=everything, **kw, return_weights=True)
+    assert not np.allclose(np.asarray(blocked)[:4], np.asarray(whole)[:4], atol=1e-3)
+
+
 def _llama_family(cls, kind, window=None, **overrides):
     config = hf_config(kind, **overrides)
     config._attn_implementation = "eager"
@@ -252,3 +278,24 @@ def test_per_head_weighted_qk_norm_and_interleaved_rotary_match_cohere_attention
     (frame,), _ = attention_frames((None,), jnp.asarray(positions, jnp.int32), jnp.asarray(valid))
     got, _, _ = ours(jnp.asarray(x), frame)
     np.testing.assert_allclose(np.asarray(got), want[0].numpy(), atol=LAYER_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_a_long_prompt_in_query_blocks_gives_the_model_the_same_logits(monkeypatch, scan):
+    """A whole model without a cache: queries in blocks of 4 that read only their visible
+    keys (sliding-window and full layers, two left-padded tokens) give the logits of one
+    block, at every real token; unrolled and scanned layers."""
+    from eqxlm.nn import _attention
+
+    config = eqxlm.Gemma2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=3, query_pre_attn_scalar=8,
+    )  # fmt: skip
+    model = eqxlm.DecoderLM(config, key=jax.random.key(0), scan_layers=scan)
+    assert {frame.visible for frame in attention_frames((None, 3), jnp.arange(5), jnp.ones(5, bool))[0]} == {(0, None), (0, 3)}
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 64, 13), jnp.int32)
+    valid = jnp.arange(13) >= 2
+    want = model(ids, valid).logits
+    monkeypatch.setattr(_attention, "QUERY_CHUNK", 4)
+    got = model(ids, valid).logits
+    np.testing.assert_allclose(np.asarray(got)[2:], np.asarray(want)[2:], atol=1e-5, rtol=0)
