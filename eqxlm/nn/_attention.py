@@ -17,7 +17,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from .._typing import typecheck
 from ._alibi import ALiBi
 from ._kv_cache import Cache, CacheWrite, KVCache
-from ._linear import accumulator, linear, make_linear
+from ._linear import accumulator, einsum, linear, make_linear
 from ._masks import attention_mask
 from ._norm import LayerNorm, RMSNorm
 from ._positions import AbstractPositionScheme
@@ -139,13 +139,16 @@ def _attend(query, mask, bias, *, key, value, scale, softcap):
     groups = heads // kv_heads
     dtype = query.dtype
     acc = accumulator(dtype)
-    # Heads first, (kv_heads, groups * seq, head_dim) against (kv_heads, kv_seq, head_dim): the
-    # scores come out in their (heads, seq, kv_seq) order, so no score-sized transpose (the
-    # einsum "skgd,tkd->kgst" made one: 2.9x slower for 1024 queries x 5120 keys, 1.7x for 512)
-    q = query.reshape(seq, kv_heads, groups, head_dim).transpose(1, 2, 0, 3).reshape(kv_heads, groups * seq, head_dim)
-    batched = ((0,), (0,))
-    k = key.astype(dtype).transpose(1, 0, 2)
-    scores = jax.lax.dot_general(q, k, (((2,), (2,)), batched), preferred_element_type=acc).astype(dtype)
+    q = query.reshape(seq, kv_heads, groups, head_dim)
+    if seq == 1:  # one query (a decode step): the einsum, a little faster there (NOTES.md, Long context)
+        scores = einsum("skgd,tkd->kgst", q, key.astype(dtype))
+    else:
+        # Heads first, (kv_heads, groups * seq, head_dim) against (kv_heads, kv_seq, head_dim):
+        # the scores come out in their (heads, seq, kv_seq) order, with no score-sized transpose
+        # (the einsum made one: 2.9x slower for 1024 queries x 5120 keys, 1.7x for 512 x 512)
+        q = q.transpose(1, 2, 0, 3).reshape(kv_heads, groups * seq, head_dim)
+        k = key.astype(dtype).transpose(1, 0, 2)
+        scores = jax.lax.dot_general(q, k, (((2,), (2,)), BATCHED), preferred_element_type=acc).astype(dtype)
     # torch multiplies a reduced-float tensor by a Python float in float32 and rounds once
     # (a scale rounded to bfloat16 first, 8**-0.5 say, moved 2.4% of a layer's probabilities)
     scores = (scores.astype(acc) * scale).astype(dtype)
@@ -157,11 +160,17 @@ def _attend(query, mask, bias, *, key, value, scale, softcap):
     if mask is not None:
         scores = jnp.where(mask[None], scores, jnp.finfo(dtype).min)
     weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
-    v = value.astype(dtype).transpose(1, 0, 2)
-    w = weights.reshape(kv_heads, groups * seq, kv_seq)
-    out = jax.lax.dot_general(w, v, (((2,), (1,)), batched), preferred_element_type=acc)
-    out = out.astype(dtype).reshape(kv_heads, groups, seq, head_dim).transpose(2, 0, 1, 3)
+    if seq == 1:
+        out = einsum("kgst,tkd->skgd", weights.reshape(kv_heads, groups, seq, kv_seq), value.astype(dtype))
+    else:
+        v = value.astype(dtype).transpose(1, 0, 2)
+        w = weights.reshape(kv_heads, groups * seq, kv_seq)
+        out = jax.lax.dot_general(w, v, (((2,), (1,)), BATCHED), preferred_element_type=acc)
+        out = out.astype(dtype).reshape(kv_heads, groups, seq, head_dim).transpose(2, 0, 1, 3)
     return out.reshape(seq, heads, head_dim), weights
+
+
+BATCHED = ((0,), (0,))  # dot_general's batch dimensions: the leading (kv-head) axis of both operands
 
 
 class AttentionFrame(eqx.Module):
