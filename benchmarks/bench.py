@@ -215,16 +215,21 @@ def bench_quant(reps, quick):
     float32 and quantized with `eqxlm.quantize`: int8, int8 with the head, int4 (group 128).
     The variants are timed in turns, one rep of each before the next, so a slow spell of a
     shared machine hits all of them. Layers are scanned (`eqxlm.scan_layers`), which keeps the
-    four compiles short; the float32 rows of the main table are unrolled. transformers has no row: its CPU weight-only int8 needs
-    torchao or optimum-quanto, neither a dependency here."""
+    compiles short, and float32 and int8 are also timed unrolled (the default layout, whose
+    float32 decode has no per-step weight copies; "vs float32" is against scanned float32).
+    transformers has no row: its CPU weight-only int8 needs torchao or optimum-quanto, neither
+    a dependency here."""
     config = QUICK_SHAPES["mistral-tiny"] if quick else SHAPES["mistral-0.5b"]
-    model = eqxlm.scan_layers(eqxlm.DecoderLM(config, key=jax.random.key(0)))  # scanned: one layer to compile
+    unrolled = eqxlm.DecoderLM(config, key=jax.random.key(0))
+    model = eqxlm.scan_layers(unrolled)  # scanned: one layer to compile
     group = 32 if quick else 128
     variants = {
         "float32": model,
         "int8": eqxlm.quantize(model, bits=8),
         "int8 + head": eqxlm.quantize(model, bits=8, where=lambda name: True),
         f"int4 g{group}": eqxlm.quantize(model, bits=4, group_size=group),
+        "float32, unrolled": unrolled,
+        "int8, unrolled": eqxlm.quantize(unrolled, bits=8),
     }
     ids = np.random.default_rng(1).integers(0, config.vocab_size, (1, 128)).astype(np.int32)
     prompt = jnp.asarray(ids[0])

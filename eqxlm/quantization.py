@@ -33,8 +33,9 @@ first (`eqxlm.lora.merge`).
 **Running.** `QuantizedLinear` takes one token, as `eqx.nn.Linear` does, and works unrolled,
 in scanned layers (`eqxlm.scan_layers`), under `jax.vmap` and in `eqxlm.generate`. One token
 (decode) is a 2-D multiply-reduce over the int8 weight, which XLA:CPU compiles into one YNNPACK
-fusion that reads the int8 weight itself (no float copy of it): 1.3-1.45x float32's batch-1
-decode at the 0.5B shape, not more (benchmarks/NOTES.md, "Quantization"). Under `jax.vmap` over more
+fusion that reads the int8 weight itself (no float copy of it), yet at well under the float32
+dot's speed: at the 0.5B shape batch-1 decode is 1.46x scanned float32 but 0.37x the default
+unrolled float32 model (benchmarks/NOTES.md, "Quantization"): int8 saves memory, not time. Under `jax.vmap` over more
 than `SMALL_BATCH` tokens in all (prefill), the layer dequantizes the weight once and does one
 matrix product, which is what a float layer costs plus the dequantization. The choice is made
 by a `jax.custom_batching.custom_vmap` rule, so quantized models are for inference: no
