@@ -140,7 +140,7 @@ def _attend(query, mask, bias, *, key, value, scale, softcap):
     dtype = query.dtype
     acc = accumulator(dtype)
     q = query.reshape(seq, kv_heads, groups, head_dim)
-    if seq == 1:  # one query (a decode step): the einsum, a little faster there (NOTES.md, Long context)
+    if seq == 1:  # one query (a decode step) keeps the einsum: no gain measured there (NOTES.md, Long context)
         scores = einsum("skgd,tkd->kgst", q, key.astype(dtype))
     else:
         # Heads first, (kv_heads, groups * seq, head_dim) against (kv_heads, kv_seq, head_dim):
