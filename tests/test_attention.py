@@ -284,7 +284,9 @@ def test_per_head_weighted_qk_norm_and_interleaved_rotary_match_cohere_attention
 def test_a_long_prompt_in_query_blocks_gives_the_model_the_same_logits(monkeypatch, scan):
     """A whole model without a cache: queries in blocks of 4 that read only their visible
     keys (sliding-window and full layers, two left-padded tokens) give the logits of one
-    block, at every real token; unrolled and scanned layers."""
+    block, at every real token; unrolled and scanned layers. Both kinds of layer take the
+    visible-key path (a model that dropped the frame's promise would still pass the logits
+    check, through the blocks that read every key)."""
     from eqxlm.nn import _attention
 
     config = eqxlm.Gemma2Config(
@@ -297,5 +299,8 @@ def test_a_long_prompt_in_query_blocks_gives_the_model_the_same_logits(monkeypat
     valid = jnp.arange(13) >= 2
     want = model(ids, valid).logits
     monkeypatch.setattr(_attention, "QUERY_CHUNK", 4)
+    seen, real = [], _attention._attend_visible
+    monkeypatch.setattr(_attention, "_attend_visible", lambda *a, **kw: seen.append(a[5]) or real(*a, **kw))
     got = model(ids, valid).logits
+    assert set(seen) == {(0, None), (0, 3)}
     np.testing.assert_allclose(np.asarray(got)[2:], np.asarray(want)[2:], atol=1e-5, rtol=0)
