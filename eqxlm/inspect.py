@@ -66,6 +66,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from . import module_paths as paths
 from .nn import AbstractPositionScheme, Attention, DecoderLayer, LayerStack, SparseMoE, _taps, linear, project
 
 ATTENTION_POINTS = ("q", "k", "v", "probs", "z")
@@ -187,38 +188,6 @@ class _Taps:
 
 
 # -- naming ------------------------------------------------------------------------------
-def _module_names(model, prefix: str = "") -> dict[str, Any]:
-    """Every module of `model` by its eqxlm name (unrolled view: layer `i` of a LayerStack
-    is named `layers.i`)."""
-    out: dict[str, Any] = {}
-
-    def walk(node, names):
-        if isinstance(node, Hook):
-            return walk(node.module, names)
-        if not isinstance(node, eqx.Module):
-            return
-        for name in names:
-            out[name] = node
-        if isinstance(node, LayerStack):  # name each layer without slicing its stacked arrays
-            for (start, period, reps), block in zip(node.layout, node.segments, strict=True):
-                for j, stacked in enumerate(block):
-                    walk(stacked, [f"{n}.{start + r * period + j}" for n in names for r in range(reps)])
-            return
-        join = lambda n, part: f"{n}.{part}" if n else str(part)  # noqa: E731
-        for field in dataclasses.fields(node):
-            if field.metadata.get("static", False):
-                continue
-            child = getattr(node, field.name, None)
-            if isinstance(child, (tuple, list)):
-                for i, c in enumerate(child):
-                    walk(c, [join(join(n, field.name), i) for n in names])
-            else:
-                walk(child, [join(n, field.name) for n in names])
-
-    walk(model, [prefix])
-    return out
-
-
 def _translate(model, path: str, names: dict[str, Any]) -> str:
     """An eqxlm module name for `path` (an eqxlm name, or a checkpoint name via the key map)."""
     if path in names:
@@ -241,7 +210,7 @@ def _translate(model, path: str, names: dict[str, Any]) -> str:
 
 def _parse(model, name: str) -> tuple[str, str]:
     """`(module name, point)` for a hook name."""
-    names = _module_names(model)
+    names = paths.module_paths(model)
     point = "output"
     if name.endswith(":input"):
         name, point = name[: -len(":input")], "input"
@@ -269,62 +238,13 @@ def _parse(model, name: str) -> tuple[str, str]:
 
 def _name_of(model, where: Callable) -> str:
     target = where(model)
-    for name, node in _module_names(model).items():
+    for name, node in paths.module_paths(model).items():
         if node is target:
             return name
     raise ValueError("`where` must return a module of the model (for scanned layers, name it by its path instead).")
 
 
 # -- placing hooks -----------------------------------------------------------------------
-def _locate(model, module_name: str):
-    """`(getter, reps, row, token_wise_parent)` for the module named `module_name`: `getter(model)`
-    returns the node to wrap (a stacked block position inside a LayerStack)."""
-    parts = module_name.split(".")
-    steps: list = []
-    node, reps, row, parent_mlp = model, 0, -1, None
-    i = 0
-    while i < len(parts):
-        while isinstance(node, Hook):
-            steps.append("module")
-            node = node.module
-        part = parts[i]
-        if isinstance(node, LayerStack):
-            layer = int(part)
-            for k, (start, period, n) in enumerate(node.layout):
-                if start <= layer < start + period * n:
-                    r, j = divmod(layer - start, period)
-                    steps += [("seg", k, j)]
-                    node, reps, row = node.segments[k][j], n, r
-                    break
-        elif isinstance(node, (tuple, list)):
-            steps.append(int(part))
-            node = node[int(part)]
-        else:
-            steps.append(part)
-            if part == "mlp" and i + 1 < len(parts):
-                parent_mlp = len(steps)
-            node = getattr(node, part)
-        i += 1
-
-    return steps, reps, row, parent_mlp
-
-
-def _getter(steps):
-    def getter(m, steps=tuple(steps)):
-        for s in steps:
-            if s == "module":
-                m = m.module
-            elif isinstance(s, tuple):
-                m = m.segments[s[1]][s[2]]
-            elif isinstance(s, int):
-                m = m[s]
-            else:
-                m = getattr(m, s)
-        return m
-
-    return getter
-
-
 def _add(model, name: str | None, where, point_override, captures: bool, patch_spec=None, value=None):
     if (name is None) == (where is None):
         raise ValueError("name a module by `name` or by `where`, not both and not neither.")
@@ -332,24 +252,24 @@ def _add(model, name: str | None, where, point_override, captures: bool, patch_s
         module_name, point = _name_of(model, where), point_override or "output"
     else:
         module_name, point = _parse(model, name)
-    steps, reps, row, parent_mlp = _locate(model, module_name)
+    steps, reps, row, parent_mlp = paths.locate(model, module_name)
     token_wise = parent_mlp is not None
     if token_wise and not captures and value is not None and jnp.ndim(value) > 1:
         raise ValueError(
             f"{module_name}: modules inside the MLP run one token at a time, so a patch applies per token: give "
             f"`value`/`add` one token's shape (got {jnp.shape(value)}), use `fn=`, or patch the MLP's input or output."
         )
-    parent = _getter(steps[:parent_mlp])(model) if token_wise else None
+    parent = paths.getter(steps[:parent_mlp])(model) if token_wise else None
     if token_wise and getattr(parent.module if isinstance(parent, Hook) else parent, "sequence_wise", False):
         raise ValueError(f"{module_name}: the MLP takes the whole sequence (a mixture of experts); hook the MLP itself.")
-    getter = _getter(steps)
+    getter = paths.getter(steps)
     target = getter(model)
     if isinstance(target, AbstractPositionScheme):
         raise ValueError(
             f"{module_name}: a position scheme is applied to q and k (rotary) or added to the scores (ALiBi), "
             "not called on activations; capture the attention's `q` / `k` / `probs` points."
         )
-    if _per_head_weights(_module_names(model), module_name):
+    if _per_head_weights(paths.module_paths(model), module_name):
         raise ValueError(
             f"{module_name}: this norm holds one weight per head and runs inside the attention's per-head "
             "vmap, so it cannot be hooked; capture the attention's `q` / `k` points (after the norm and rotary)."
@@ -372,7 +292,7 @@ def _add(model, name: str | None, where, point_override, captures: bool, patch_s
         config = dataclasses.replace(config, patches=(*config.patches, (spec, row)))
     model = eqx.tree_at(getter, model, Hook(hook.module, tuple(values), config))
     if token_wise:  # the MLP around it opens a scope per token, so the captures leave its vmap
-        mlp_getter = _getter(steps[:parent_mlp])
+        mlp_getter = paths.getter(steps[:parent_mlp])
         mlp = mlp_getter(model)
         if isinstance(mlp, Hook):
             new = Hook(mlp.module, mlp.values, dataclasses.replace(mlp.config, token_scope=True))
@@ -424,7 +344,7 @@ def router_points(model, points: Sequence[str] = ROUTER_POINTS) -> list[str]:
 
         _, acts = inspect.run(inspect.capture(model, inspect.router_points(model)), ids)
     """
-    names = [name for name, node in _module_names(model).items() if isinstance(node, SparseMoE)]
+    names = [name for name, node in paths.module_paths(model).items() if isinstance(node, SparseMoE)]
     names.sort(key=lambda n: [int(t) if t.isdigit() else -1 for t in n.split(".")])  # layer order (scanned too)
     return [f"{name}.{point}" for name in names for point in points]
 
@@ -450,7 +370,7 @@ def unhook(model):
 
 def _per_head_weights(names: dict[str, Any], module_name: str) -> bool:
     """Whether `module_name` is an attention's q/k norm with one weight per head (Cohere);
-    `names` from `_module_names`."""
+    `names` from `module_paths`."""
     parent, _, last = module_name.rpartition(".")
     if last not in ("q_norm", "k_norm"):
         return False
@@ -462,7 +382,7 @@ def hook_names(model) -> list[str]:
     """Every module name and point name `model` offers (each can be captured or patched;
     inside a mixture of experts, which runs on the whole sequence, only its router points)."""
     out = []
-    names = _module_names(model)
+    names = paths.module_paths(model)
     moe = tuple(name + "." for name, node in names.items() if isinstance(node, SparseMoE))
     for name, node in names.items():
         if not name or isinstance(node, (LayerStack, AbstractPositionScheme)) or name.startswith(moe):

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .inspect import _getter, _locate, _module_names
+from . import module_paths as paths
 from .nn._linear import affine, matmul
 from .params import KeyMap, param_refs
 
@@ -139,7 +139,7 @@ class _Target:
 
 def _targets(model, select=None) -> list[_Target]:
     key_map = model.key_map() if hasattr(model, "key_map") else KeyMap()
-    modules = _module_names(model)
+    modules = paths.module_paths(model)
     out = []
     for tensor in key_map.checkpoint_tensors(param_refs(model)):
         if not tensor.name.endswith(".weight") or len(tensor.parts[0].shape) != 2:
@@ -161,13 +161,13 @@ def _place(model, per_part: dict[str, tuple], dropout: float):
     groups: dict[tuple, dict[int, tuple]] = {}
     info = {}
     for name, values in per_part.items():
-        steps, reps, row, _ = _locate(model, name)
+        steps, reps, row, _ = paths.locate(model, name)
         key = tuple(map(str, steps))
         groups.setdefault(key, {})[row] = values
         info[key] = (steps, reps, name)
     for key, rows in groups.items():
         steps, reps, name = info[key]
-        getter = _getter(steps)
+        getter = paths.getter(steps)
         node = getter(model)
         if isinstance(node, LoRALinear):
             raise ValueError(f"LoRA: {name} already has an adapter (merge_and_unload it first).")
@@ -195,7 +195,7 @@ def add_adapters(model, config: LoraConfig, *, key: PRNGKeyArray, dtype=None):
     targets = _targets(model, config.matches)
     if not targets:
         raise ValueError(f"LoRA: target_modules {config.target_modules!r} match no projection of {type(model).__name__}.")
-    modules = _module_names(model)
+    modules = paths.module_paths(model)
     per_part = {}
     keys = jax.random.split(key, len(targets))
     for target, k in zip(targets, keys, strict=True):
@@ -292,14 +292,14 @@ def merge_and_unload(model):
 def _adapters(model) -> dict[str, LoRALinear]:
     """Every adapter by eqxlm projection name (scanned layers sliced per layer)."""
     out = {}
-    for name, node in _module_names(model).items():
+    for name, node in paths.module_paths(model).items():
         if _is_lora(node):
             out[name] = node
     return out
 
 
 def _per_layer(model, name, node):
-    steps, reps, row, _ = _locate(model, name)
+    steps, reps, row, _ = paths.locate(model, name)
     if reps:
         return node.lora_A[row], node.lora_B[row]
     return node.lora_A, node.lora_B
@@ -424,7 +424,7 @@ def load_adapter(model, directory: str):
     config = read_config(directory)
     path = os.path.join(directory, "adapter_model.safetensors")
     tensors = {re.sub(r"\.default(?=\.weight$)", "", k): v for k, v in load_file(path).items()}
-    modules = _module_names(model)
+    modules = paths.module_paths(model)
     per_part, used = {}, set()
     for target in _targets(model):
         a_key, b_key = f"{PEFT_PREFIX}{target.hf_name}.lora_A.weight", f"{PEFT_PREFIX}{target.hf_name}.lora_B.weight"
