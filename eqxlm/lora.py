@@ -22,8 +22,12 @@ gets one adapter per part with **the same A** and B split as the base weight's r
 made the parts' A differ, `save_adapter` writes the exact equivalent of rank `parts * r`
 (stacked A, block B) with PEFT's `rank_pattern`/`alpha_pattern`.
 
-Refused by name: DoRA (`use_dora`), adapters other than LoRA (`peft_type`), `bias` other
-than `"none"`, `modules_to_save`, `layers_to_transform`, and embeddings as targets.
+Loading reads every field of PEFT's `adapter_config.json` and sorts it three ways ([`USED`][],
+[`NO_EFFECT`][] with the reason, [`REFUSED`][]): DoRA, adapters other than LoRA, trained
+biases, `modules_to_save`, the LoRA variants, and an `init_lora_weights` that rewrote the base
+weights the adapter was trained on (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA: convert those to plain
+LoRA with PEFT first) are refused by name, as is any field this version does not know when it is
+set. Embeddings are refused as targets.
 Dropout applies only when a key is given with [`with_dropout`][]; a projection called one token
 at a time (inside the MLP) then draws one mask per sequence.
 """
@@ -66,7 +70,7 @@ class LoraConfig:
 
     def _pattern(self, patterns: dict, name: str, default):
         for key, value in patterns.items():
-            if re.match(rf"(.*\.)?{key}$", name):
+            if re.match(rf"(.*\.)?({key})$", name):  # peft.utils.other.get_pattern_key
                 return value
         return default
 
@@ -383,29 +387,101 @@ def save_adapter(model, directory: str, *, base_model_name_or_path: str | None =
     save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
-REFUSED = {
-    "use_dora": "DoRA (use_dora)",
-    "layers_to_transform": "layers_to_transform",
-    "layers_pattern": "layers_pattern",
-    "modules_to_save": "modules_to_save",
-    "use_qalora": "QA-LoRA (use_qalora)",
-    "lora_bias": "lora_bias",
+# Every field of PEFT's `LoraConfig` (peft 0.21.2) and what loading an adapter does with it,
+# so that no setting changes PEFT's numbers without eqxlm either reproducing it or refusing
+# it (tests/test_lora.py checks this table against peft's dataclass).
+USED = {
+    "r": "the rank (the tensors' shapes say it per module)",
+    "lora_alpha": "scaling = lora_alpha / r",
+    "use_rslora": "scaling = lora_alpha / sqrt(r)",
+    "rank_pattern": "per-module ranks (PEFT's regex rule)",
+    "alpha_pattern": "per-module alphas (PEFT's regex rule)",
+    "lora_dropout": "applied in training only (`with_dropout`)",
+}
+NO_EFFECT = {
+    "task_type": "which PEFT wrapper; the adapter tensors sit on the base model's projections under the same "
+    "names (a task head comes as modules_to_save, refused)",
+    "auto_mapping": "metadata",
+    "peft_version": "metadata",
+    "base_model_name_or_path": "metadata",
+    "revision": "metadata",
+    "inference_mode": "whether PEFT trains the adapter (requires_grad)",
+    "target_modules": "chooses the modules when the adapter is created; loading follows the tensors in the file, "
+    "which hold A and B for every adapted module",
+    "exclude_modules": "as target_modules",
+    "layers_to_transform": "as target_modules",
+    "layers_pattern": "as target_modules",
+    "fan_in_fan_out": "PEFT resets it per module from the module's type (True for GPT-2's Conv1D, False for "
+    "nn.Linear); A and B have the same shapes either way",
+    "runtime_config": "not saved (to_dict drops it): GPU offloading at run time",
+    "megatron_core": "read only with megatron_config (refused)",
+    "qalora_group_size": "read only with use_qalora (refused)",
+    "loftq_config": "read only when init_lora_weights is 'loftq' (refused)",
+    "eva_config": "read only when init_lora_weights is 'eva', which leaves the base weights alone",
+    "corda_config": "read only when init_lora_weights is 'corda' (refused)",
+    "lora_ga_config": "read only when init_lora_weights is 'lora_ga' (refused)",
+    "ensure_weight_tying": "ties the adapters of tied embeddings and heads; it acts only on embedding adapters, "
+    "modules_to_save and trainable_token_indices, each refused",
+}
+# Initialisations that only set the starting A and B, which the file's trained values replace.
+# The others (pissa, pissa_niter_<n>, olora, corda, loftq, lora_ga) trained the adapter on a
+# base they rewrote (W - s B0 A0, or LoftQ's quantised W); PEFT's `from_pretrained` redoes that
+# from whatever base it is given (lora_ga cannot, and leaves it), so the file alone does not
+# say which weights the adapter belongs to.
+HARMLESS_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+REFUSED = {  # field: (the value that means "off", what it is)
+    "peft_type": ("LORA", "an adapter type other than LoRA"),
+    "bias": ("none", "trained biases of the base model"),
+    "use_dora": (False, "DoRA (a magnitude vector per output)"),
+    "modules_to_save": (None, "whole trained copies of other modules"),
+    "lora_bias": (False, "a bias on lora_B"),
+    "use_qalora": (False, "QA-LoRA (pooled inputs to A)"),
+    "megatron_config": (None, "LoRA on Megatron's parallel layers"),
+    "trainable_token_indices": (None, "trained rows of the embedding"),
+    "layer_replication": (None, "a deeper model built from repeated base layers"),
+    "target_parameters": (None, "LoRA on raw parameters (experts), not on projections"),
+    "alora_invocation_tokens": (None, "activated LoRA (only after the invocation tokens)"),
+    "use_bdlora": (None, "block-diagonal LoRA"),
+    "arrow_config": (None, "Arrow routing among adapters"),
+    "kasa_config": (None, "KaSA (a truncated base and a learnable diagonal)"),
+    "velora_config": (None, "VeLoRA (extra saved state)"),
+    "monteclora_config": (None, "MonteCLoRA (a sampler with saved state)"),
 }
 
 
+def _is_off(value, off) -> bool:
+    if off is None or off is False:
+        return value in (None, False) or value == [] or value == {}
+    return value == off
+
+
 def read_config(directory: str) -> LoraConfig:
-    """`adapter_config.json` as a [`LoraConfig`][]; what eqxlm does not support is refused by name."""
+    """`adapter_config.json` as a [`LoraConfig`][]. Every field PEFT writes is either used,
+    known not to change the numbers, or refused by name when set (DoRA, a base rewritten by
+    PiSSA, OLoRA, CorDA, LoftQ or LoRA-GA, ...); a field this version does not know is
+    refused unless it is off (None, false or empty)."""
     path = os.path.join(directory, "adapter_config.json")
     with open(path) as f:
         raw = json.load(f)
-    kind = raw.get("peft_type", "LORA")
-    if kind != "LORA":
-        raise ValueError(f"{path}: peft_type {kind!r} is not supported by eqxlm (only LORA).")
-    for field, what in REFUSED.items():
-        if raw.get(field):
-            raise ValueError(f"{path}: {what} is not supported by eqxlm.")
-    if raw.get("bias", "none") != "none":
-        raise ValueError(f"{path}: bias {raw['bias']!r} is not supported by eqxlm (only 'none').")
+    for field, value in raw.items():
+        if field in REFUSED:
+            off, what = REFUSED[field]
+            if not _is_off(value, off):
+                raise ValueError(f"{path}: {field}={value!r} ({what}) is not supported by eqxlm; expected {off!r}.")
+        elif field == "init_lora_weights":
+            if value not in HARMLESS_INITS:
+                raise ValueError(
+                    f"{path}: init_lora_weights={value!r} rewrote the base weights the adapter was trained on, so "
+                    "it does not apply to the original model. Convert it to a plain LoRA adapter with PEFT "
+                    "(`save_pretrained(dir, path_initial_model_for_weight_conversion=<the adapter saved before "
+                    "training>)`) or load the merged model (`merge_and_unload()`); onto the residual base PEFT "
+                    "saved, set init_lora_weights to true in adapter_config.json."
+                )
+        elif field not in USED and field not in NO_EFFECT and not _is_off(value, None):
+            raise ValueError(
+                f"{path}: field {field}={value!r} is not known to eqxlm (written for peft 0.21.2), so it may "
+                "change the adapter's numbers; refused rather than loaded wrong."
+            )
     return LoraConfig(
         r=raw["r"],
         lora_alpha=raw["lora_alpha"],

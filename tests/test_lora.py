@@ -3,7 +3,9 @@ same logits, adapters saved by PEFT (non-zero B) load in eqxlm with the same log
 equals unmerged; fused checkpoint projections (BLOOM's `query_key_value`, GPT-2's `c_attn`,
 scanned); training only the adapters on the default model's data lowers the loss."""
 
+import dataclasses
 import json
+import re
 
 import equinox as eqx
 import jax
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
+import torch
 from hf import hf_model, run_hf, save_hf
 
 import eqxlm
@@ -98,8 +101,8 @@ def test_unsupported_options_are_refused_by_name(tmp_path):
     raw = json.loads((tmp_path / "adapter_config.json").read_text())
     for field, value, message in [
         ("use_dora", True, "DoRA"),
-        ("peft_type", "IA3", "peft_type 'IA3'"),
-        ("bias", "all", "bias 'all'"),
+        ("peft_type", "IA3", "peft_type='IA3'"),
+        ("bias", "all", "bias='all'"),
         ("modules_to_save", ["lm_head"], "modules_to_save"),
     ]:
         (tmp_path / "adapter_config.json").write_text(json.dumps({**raw, field: value}))
@@ -109,6 +112,114 @@ def test_unsupported_options_are_refused_by_name(tmp_path):
         lora.add_adapters(model, lora.LoraConfig(target_modules=["embed_tokens"]), key=jax.random.key(0))
     with pytest.raises(ValueError, match="match no projection"):
         lora.add_adapters(model, lora.LoraConfig(target_modules=["c_attn"]), key=jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return eqxlm.from_pretrained(save_hf(hf_model("llama"), tmp_path_factory.mktemp("llama")))
+
+
+def _trained_peft(config, directory):
+    """A PEFT adapter on the tiny Llama with A and B moved off their initial values (as
+    training would), saved to `directory`; returns the PEFT model's logits."""
+    ref = peft.get_peft_model(hf_model("llama"), config)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_" in name:
+                p.add_(0.3 * torch.randn_like(p, generator=torch.Generator().manual_seed(len(name))))
+    ref.save_pretrained(directory)
+    return run_hf(ref.eval(), IDS[None]).logits[0].numpy()
+
+
+def test_every_field_of_peft_lora_config_is_used_ignored_with_a_reason_or_refused():
+    known = set(lora.USED) | set(lora.NO_EFFECT) | set(lora.REFUSED) | {"init_lora_weights"}
+    fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    assert fields <= known, f"peft.LoraConfig fields eqxlm does not classify: {sorted(fields - known)}"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(init_lora_weights="gaussian"),
+        dict(init_lora_weights="eva"),
+        dict(init_lora_weights="orthogonal"),
+        dict(init_lora_weights="mica"),
+        dict(layers_to_transform=[1], layers_pattern="layers"),
+        dict(exclude_modules=["model.layers.0.self_attn.q_proj"]),
+        dict(fan_in_fan_out=True),  # PEFT resets it to False for nn.Linear
+        dict(rank_pattern={"q_proj|down_proj": 2}, alpha_pattern={"k_proj|v_proj": 32, "down_proj": 3}),
+    ],
+    ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items())[:40],
+)
+def test_peft_config_options_that_load_give_peft_logits(llama, tmp_path, options):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], **options)
+    _trained_peft(config, tmp_path)
+    want = run_hf(peft.PeftModel.from_pretrained(hf_model("llama"), tmp_path).eval(), IDS[None]).logits[0].numpy()
+    got = lora.load_adapter(llama, tmp_path)(jnp.asarray(IDS)).logits
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_adapters_trained_on_a_rewritten_base_are_refused_and_peft_conversion_loads(llama, tmp_path, init):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    ref = peft.get_peft_model(hf_model("llama"), config)
+    ref.peft_config["default"].init_lora_weights = True  # PEFT's recipe: the initial adapter, for the conversion
+    ref.save_pretrained(tmp_path / "initial")
+    ref.peft_config["default"].init_lora_weights = init
+    with torch.no_grad():
+        for p in [p for name, p in ref.named_parameters() if "lora_" in name]:
+            p.add_(0.3 * torch.randn_like(p))
+    trained = run_hf(ref.eval(), IDS[None]).logits[0].numpy()
+    ref.save_pretrained(tmp_path / "as_trained")
+    with pytest.raises(ValueError, match=f"init_lora_weights='{init}' rewrote the base weights.*conversion"):
+        lora.load_adapter(llama, tmp_path / "as_trained")
+    ref.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    got = lora.load_adapter(llama, tmp_path / "converted")(jnp.asarray(IDS)).logits
+    np.testing.assert_allclose(got, trained, atol=1e-4)
+
+
+def test_refused_fields_and_unknown_fields_are_named(llama, tmp_path):
+    adapted = lora.add_adapters(llama, lora.LoraConfig(target_modules=["q_proj"]), key=jax.random.key(0))
+    lora.save_adapter(adapted, tmp_path)
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    on = {None: ["x"], False: True}
+    for field, (off, _) in lora.REFUSED.items():
+        value = on.get(off, "other")
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**raw, field: value}))
+        with pytest.raises(ValueError, match=re.escape(f"{field}={value!r}")):
+            lora.load_adapter(llama, tmp_path)
+    for init in ["pissa_niter_4", "corda", "loftq", "lora_ga", "something_new"]:
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**raw, "init_lora_weights": init}))
+        with pytest.raises(ValueError, match=f"init_lora_weights='{init}'"):
+            lora.load_adapter(llama, tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**raw, "future_option": {"on": 1}}))
+    with pytest.raises(ValueError, match="future_option=.*not known to eqxlm"):
+        lora.load_adapter(llama, tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**raw, "future_option": None, "use_dora": False}))
+    lora.load_adapter(llama, tmp_path)  # off: loads
+
+
+def test_rank_and_alpha_patterns_survive_an_eqxlm_round_trip(llama, tmp_path):
+    config = lora.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"down_proj": 2, "layers.1.self_attn.v_proj": 6},
+        alpha_pattern={"q_proj|v_proj": 3, "layers.0.mlp.down_proj": 32},
+    )
+    adapted = _random_b(lora.add_adapters(llama, config, key=jax.random.key(0)))
+    lora.save_adapter(adapted, tmp_path)
+    reloaded = lora.load_adapter(llama, tmp_path)
+    ids = jnp.asarray(IDS)
+    np.testing.assert_allclose(reloaded(ids).logits, adapted(ids).logits, atol=1e-6)
+    saved = lora.read_config(tmp_path)
+    before, after = lora._adapters(adapted), lora._adapters(reloaded)
+    assert sorted(before) == sorted(after)
+    for name, node in before.items():
+        assert after[name].lora_A.shape == node.lora_A.shape == (config.rank_of(name), node.in_features), name
+        assert after[name].scaling == pytest.approx(node.scaling, rel=1e-12), name
+        assert (saved.rank_of(name), saved.alpha_of(name)) == pytest.approx((config.rank_of(name), config.alpha_of(name)))
+    assert len({n.scaling for n in before.values()}) == 4 and len({n.lora_A.shape for n in before.values()}) == 3
 
 
 @pytest.mark.slow  # about a minute on two shared cores

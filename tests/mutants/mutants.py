@@ -329,5 +329,22 @@ MUTANTS = [
          find="return attend(q, mask if m is None else m, bias if b is None else b)[0]",
          replace="return attend(q, mask if m is None else m[::-1], bias if b is None else b)[0]",
          tests=["tests/test_attention.py", "-k", "query_blocks"]),
+    # -- issue 32: lora / inspect --------------------------------------------------------------
+    dict(id="lora-pattern-alternation-unanchored", file="eqxlm/lora.py",
+         find='re.match(rf"(.*\\.)?({key})$", name)',
+         replace='re.match(rf"(.*\\.)?{key}$", name)',
+         tests=["tests/test_lora.py", "-k", "options and rank_pattern"]),
+    dict(id="lora-read-config-drops-alpha-pattern", file="eqxlm/lora.py",
+         find='alpha_pattern=raw.get("alpha_pattern") or {},',
+         replace="alpha_pattern={},",
+         tests=["tests/test_lora.py", "-k", "round_trip"]),
+    dict(id="lora-olora-counted-as-initial-values-only", file="eqxlm/lora.py",
+         find='HARMLESS_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")',
+         replace='HARMLESS_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica", "olora")',
+         tests=["tests/test_lora.py", "-k", "rewritten"]),
+    dict(id="lora-refused-list-field-counted-as-off", file="eqxlm/lora.py",
+         find="return value in (None, False) or value == [] or value == {}",
+         replace="return value in (None, False) or isinstance(value, (list, dict))",
+         tests=["tests/test_lora.py", "-k", "refused_fields"]),
 ]
 # fmt: on
