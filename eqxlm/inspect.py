@@ -36,9 +36,11 @@ unhooked one, so **an unhooked model traces to exactly the same jaxpr** (tested)
 values leave through a collector that [`run`][] opens while it traces the call (nothing
 is mutated at run time; under `lax.scan` the scanned layers return the captures as scan
 outputs, see `eqxlm.nn._taps`), which is why captures need `run` while patches need
-nothing. We chose this over threading named hook points through every call signature
-(TransformerLens' style) because that changes every module's outputs and every caller,
-and over a mutable registry (PyTorch hooks) because a registry does not survive `jit`.
+nothing, and why `run` goes inside a transformation, never around one begun within it
+(that is refused: its captures could not leave it). We chose this over threading named hook
+points through every call signature (TransformerLens' style) because that changes every
+module's outputs and every caller, and over a mutable registry (PyTorch hooks) because a
+registry does not survive `jit`.
 
 **Inside `eqxlm.generate`.** Patches are part of the model, so they apply at every step.
 Captures come back through `run` with generate as the function:
@@ -351,7 +353,9 @@ def router_points(model, points: Sequence[str] = ROUTER_POINTS) -> list[str]:
 
 def run(model, *args, **kwargs) -> tuple[Any, dict[str, jax.Array]]:
     """Call `model(*args, **kwargs)` and return `(output, captures)`, captures by name.
-    A pure function of its arguments: `eqx.filter_jit(inspect.run)`, `jax.vmap`, `jax.grad`."""
+    A pure function of its arguments: `eqx.filter_jit(inspect.run)`, `jax.vmap`, `jax.grad`.
+    Put it inside a transformation, not the transformation inside it: a capture recorded in a
+    trace begun within `run` (`run(jax.vmap(hooked), batch)`) raises rather than leak a tracer."""
     with _taps.collecting() as got:
         out = model(*args, **kwargs)
     captures = {}

@@ -324,3 +324,26 @@ def test_norms_with_a_weight_per_head_are_refused_by_name(tmp_path):
         inspect.capture(model, "model.layers.0.self_attn.q_norm")
     assert "model.layers.0.self_attn.q_norm" not in inspect.hook_names(model)
     assert "model.layers.0.self_attn.q" in inspect.hook_names(model)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_a_transformation_begun_inside_run_is_refused_and_run_inside_it_captures_exactly(tmp_path, scan):
+    model = eqxlm.from_pretrained(save_hf(hf_model("llama"), tmp_path), scan_layers=scan)
+    hooked = inspect.capture(model, ["model.norm", "model.layers.1.resid_pre"])  # scanned: a capture from the scan
+    batch = jnp.asarray(np.stack([IDS, OTHER]))
+    hidden = jax.vmap(lambda ids: model.model(ids).last_hidden_state)(batch)  # unhooked
+    embedded = jax.vmap(model.model.embed_tokens)(batch[0])
+    message = r"put `run` inside the transformation instead: `jax.vmap\(lambda ids: inspect.run\(hooked, ids\)\)"
+    with pytest.raises(RuntimeError, match=message):
+        inspect.run(jax.vmap(hooked), batch)
+    with pytest.raises(RuntimeError, match=message):
+        inspect.run(eqx.filter_jit(lambda m, ids: m(ids)), hooked, batch[0])
+    with pytest.raises(RuntimeError, match=message):  # a hooked part called under a plain vmap
+        inspect.run(lambda m, h: jax.vmap(m.model.norm)(h), hooked, embedded)
+    # the calls the message gives
+    _, acts = jax.vmap(lambda ids: inspect.run(hooked, ids))(batch)
+    np.testing.assert_allclose(acts["model.norm"], hidden, atol=1e-5)
+    _, acts = eqx.filter_jit(inspect.run)(hooked, batch[1])
+    np.testing.assert_allclose(acts["model.norm"], hidden[1], atol=1e-5)
+    _, acts = jax.vmap(lambda h: inspect.run(hooked.model.norm, h))(embedded)
+    np.testing.assert_allclose(acts["model.norm"], jax.vmap(model.model.norm)(embedded), atol=1e-6)

@@ -1,7 +1,9 @@
 """The output channel of `eqxlm.inspect`: where captured activations go while a model runs.
 
 A capture is recorded at trace time into the innermost open collector (a plain dict), so
-it costs nothing when no collector is open and no module asks to record. `jax.lax.scan`
+it costs nothing when no collector is open and no module asks to record. A collector keeps the
+trace it was opened in, and [`record`][] refuses a value from any other trace: a transformation
+begun inside `run` (`run(jax.vmap(hooked), batch)`) would otherwise hand back its tracers. `jax.lax.scan`
 (scanned layers) and `jax.vmap` (token-wise blocks) are trace boundaries that values may
 not cross, so the code that opens such a boundary opens a nested collector inside it,
 returns what it gathered as ordinary outputs of the transform, and re-records them outside
@@ -14,8 +16,9 @@ recorded inside a scan whose row `r` (after stacking) belongs to `name`.
 import contextlib
 
 import jax
+from jax.extend.core import get_opaque_trace_state
 
-_STACK: list[dict] = []
+_STACK: list[tuple[dict, object]] = []  # (collector, the trace it was opened in)
 
 
 def each_token(module, x):
@@ -42,7 +45,7 @@ def active() -> bool:
 def collecting():
     """Open a collector: a dict `{key: value}` filled by [`record`][]."""
     got: dict = {}
-    _STACK.append(got)
+    _STACK.append((got, get_opaque_trace_state()))
     try:
         yield got
     finally:
@@ -56,7 +59,15 @@ def record(key: tuple[tuple[str, int], ...], value) -> None:
             "a capture hook ran outside `eqxlm.inspect.run(model, ...)`: run the hooked model through it "
             "to get the captured activations back."
         )
-    _STACK[-1][key] = value
+    got, trace = _STACK[-1]
+    if get_opaque_trace_state() != trace:  # a value of an inner trace: it would leave it as a dead tracer
+        raise RuntimeError(
+            "a capture hook ran inside a transformation that began inside `eqxlm.inspect.run` (`jax.vmap`, "
+            "`jax.jit`, `eqx.filter_jit`, `jax.checkpoint`, ...), so its value cannot leave it; put `run` "
+            "inside the transformation instead: `jax.vmap(lambda ids: inspect.run(hooked, ids))(batch)`, "
+            "`eqx.filter_jit(inspect.run)(hooked, ids)`."
+        )
+    got[key] = value
 
 
 def tap(taps, point: str, x):

@@ -346,5 +346,13 @@ MUTANTS = [
          find="return value in (None, False) or value == [] or value == {}",
          replace="return value in (None, False) or isinstance(value, (list, dict))",
          tests=["tests/test_lora.py", "-k", "refused_fields"]),
+    dict(id="taps-trace-check-skips-runs-own-collector", file="eqxlm/nn/_taps.py",
+         find="if get_opaque_trace_state() != trace:",
+         replace="if get_opaque_trace_state() != trace and _STACK[0][0] is not got:",
+         tests=["tests/test_inspect.py", "-k", "transformation_begun"]),
+    dict(id="module-paths-only-hooks-transparent", file="eqxlm/module_paths.py",
+         find='return getattr(type(node), "transparent_field", None)',
+         replace='return getattr(type(node), "transparent_field", None) if type(node).__name__ == "Hook" else None',
+         tests=["tests/test_lora.py", "-k", "rematerialised"]),
 ]
 # fmt: on
