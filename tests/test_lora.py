@@ -222,6 +222,16 @@ def test_rank_and_alpha_patterns_survive_an_eqxlm_round_trip(llama, tmp_path):
     assert len({n.scaling for n in before.values()}) == 4 and len({n.lora_A.shape for n in before.values()}) == 3
 
 
+def test_adapters_go_on_a_model_whose_layers_are_rematerialised(llama, tmp_path):
+    config = lora.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"])
+    remat = _random_b(lora.add_adapters(training.remat_layers(llama), config, key=jax.random.key(0)))
+    plain = _random_b(lora.add_adapters(llama, config, key=jax.random.key(0)))
+    ids = jnp.asarray(IDS)
+    np.testing.assert_allclose(remat(ids).logits, plain(ids).logits, atol=1e-6)
+    lora.save_adapter(remat, tmp_path)
+    np.testing.assert_allclose(lora.load_adapter(llama, tmp_path)(ids).logits, plain(ids).logits, atol=1e-6)
+
+
 @pytest.mark.slow  # about a minute on two shared cores
 def test_training_only_the_adapters_lowers_the_loss_on_the_default_models_data(tmp_path):
     import pydoc_data.topics
