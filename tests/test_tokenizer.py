@@ -307,6 +307,27 @@ def test_abusive_templates_stop_at_once_naming_the_template(abusive_folder, case
     assert time.perf_counter() - start < 5  # the bounds stop it; without them it runs until killed or out of memory
 
 
+def test_every_loop_and_character_counts(monkeypatch):
+    """With small bounds: each kind of loop counts its iterations (a range when it is made),
+    and the output stops at the bound."""
+    import eqxlm.tokenizer as module
+
+    monkeypatch.setattr(module, "MAX_LOOP_ITERATIONS", 10)
+    monkeypatch.setattr(module, "MAX_CHARS", 100)
+    eleven = [U1] * 11
+    assert render_chat_template("{% for m in messages %}.{% endfor %}", [U1] * 10) == "." * 10
+    for template, messages in [
+        ("{% for m in messages %}{% endfor %}", eleven),
+        ("{% for c in 'abcdefghijk' %}{% endfor %}", [U1]),
+        ("{% for x in [[1, 2, 3], [4, 5, 6], [7, 8, 9]] recursive %}{{ loop(x) if x is iterable }}{% endfor %}", [U1]),
+        ("{{ range(11) | join }}", [U1]),
+    ]:
+        with pytest.raises(ChatTemplateError, match="more than 10 loop iterations"):
+            render_chat_template(template, messages)
+    with pytest.raises(ChatTemplateError, match="output passed 100 characters"):
+        render_chat_template("{% for m in messages %}{{ 'x' * 50 }}{% endfor %}", [U1] * 3)
+
+
 def test_template_source_is_named(tmp_path, backends):
     folder = write_folder(tmp_path / "t", backends["bytelevel"], FAMILIES["qwen2"][1], "{{ raise_exception('from the config') }}")
     tok, config = load_tokenizer(folder), folder / "tokenizer_config.json"
