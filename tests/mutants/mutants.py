@@ -362,5 +362,14 @@ MUTANTS = [
          find='source = str(folder / CHAT_TEMPLATE_FILE)',
          replace='source = source',
          tests=["tests/test_tokenizer.py", "-k", "source_is_named"]),
+    # -- issue 32: the model as a person sees it ------------------------------------------------
+    dict(id="chat-banner-shows-the-builder-class", file="eqxlm/cli.py",
+         find="({architecture_name(model)}, up to",
+         replace="({type(model).__name__}, up to",
+         tests=["tests/test_cli.py", "-k", "chat_banner_names_the_architecture"]),
+    dict(id="model-repr-without-architecture", file="eqxlm/models/_contract.py",
+         find='return tree if name == type(self).__name__ else f"{name}: {tree}"',
+         replace="return tree",
+         tests=["tests/test_cli.py", "-k", "repr_names_the_architecture"]),
 ]
 # fmt: on
