@@ -1,5 +1,6 @@
 """The `eqxlm` command line, end to end, on a checkpoint with a tokenizer the test builds."""
 
+import io
 import json
 import subprocess
 import sys
@@ -98,11 +99,7 @@ def test_chat_banner_names_the_architecture(folder, tmp_path, capsys, monkeypatc
         (chat_folder / path.name).symlink_to(path)
     template = "{% for m in messages %}{{ m['content'] }}<eos>{% endfor %}"
     (chat_folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "chat_template": template}))
-
-    def end_of_input(prompt):
-        raise EOFError
-
-    monkeypatch.setattr("builtins.input", end_of_input)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # Ctrl-D at the first prompt
     assert main(["chat", str(chat_folder), "--max-length", "64", "--max-new-tokens", "4"]) == 0
     banner = capsys.readouterr().err
     assert f"eqxlm chat: {chat_folder} (MistralForCausalLM, up to 64 tokens)." in banner, banner
