@@ -137,8 +137,10 @@ def cmd_chat(args) -> int:
         top_p=args.top_p,
         seed=args.seed,
     )
+    from .models._contract import architecture_name
+
     print(
-        f"eqxlm chat: {args.model} ({type(model).__name__}, up to {session.max_length} tokens). "
+        f"eqxlm chat: {args.model} ({architecture_name(model)}, up to {session.max_length} tokens). "
         "Ctrl-D or Ctrl-C to quit, /reset for a new conversation.",
         file=sys.stderr,
     )

@@ -24,16 +24,36 @@ transformers for Llama 3, Mistral, ChatML/Qwen2 and Gemma templates).
 mutation of the inputs), and eqxlm is stricter than Jinja's default in two ways that change
 nothing for a legitimate template: a template that names a dunder attribute (`__class__`,
 `__mro__`, `__subclasses__`, `__globals__`, ...) is refused before it renders, and an unsafe
-attribute access fails instead of rendering as an empty string. Both raise `ChatTemplateError`,
-as does a syntax error or the template's own `raise_exception(...)`.
+attribute access fails instead of rendering as an empty string.
+
+**The bounds.** A rendering is also bounded, so that a template cannot hang the program or
+fill its memory; real templates render in well under a millisecond and are nowhere near them:
+
+- `MAX_LOOP_ITERATIONS` loop iterations in all (every `{% for %}`, recursive loops included,
+  and every item of every `range(...)`), and `MAX_RANGE` items in one `range`;
+- `MAX_CHARS` characters of output (rendered as a stream, stopped as soon as it passes), and
+  as the length of any string or list that an operator (`*`, `+`, `~`, `%`), a filter or a
+  method call builds; an integer argument above it to a string or list method, or to a
+  width-taking filter (`center`, `indent`, ...), is refused before it runs;
+- `MAX_INT_BITS` bits for an integer that `*` or `**` builds;
+- `MAX_CALL_DEPTH` nested calls (a macro that recurses without end);
+- `MAX_RENDER_SECONDS` of rendering, checked at every loop iteration and call.
+
+Every failure, a syntax error, an undefined value, the template's own `raise_exception(...)`,
+a bound, or any exception the template's code raises, is a `ChatTemplateError` whose message
+names the template (its file, or `chat_template` in the `tokenizer_config.json` it came from),
+the template line when known, and what happened.
 """
 
 import json
 import os
+import time
+import traceback
 from collections.abc import Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import lru_cache
+from functools import lru_cache, wraps
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +64,24 @@ import tokenizers
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
+#: Bounds on one chat-template rendering (see the module docstring); each is far above what a
+#: real template uses.
+MAX_LOOP_ITERATIONS = 1_000_000
+MAX_RANGE = 100_000  # Jinja's sandbox's own bound on one `range`
+MAX_CHARS = 10_000_000  # output characters, and the length of any string or list a template builds
+MAX_INT_BITS = 65_536
+MAX_CALL_DEPTH = 100
+MAX_RENDER_SECONDS = 10.0
+
 
 class TokenizerError(ValueError):
     """A tokenizer folder that cannot be read as it is; the message names the file and field."""
 
 
 class ChatTemplateError(ValueError):
-    """A chat template that cannot be rendered: a syntax error, its own `raise_exception`, or an
-    attempt to reach outside the sandbox."""
+    """A chat template that cannot be rendered: a syntax error, its own `raise_exception`, an
+    attempt to reach outside the sandbox, a bound passed, or any other failure of its code. The
+    message names the template (its file, or the config it came from)."""
 
 
 def _token_content(value: Any, where: str) -> str | None:
@@ -110,19 +140,99 @@ def _forbidden_names(ast) -> list[tuple[str, int]]:
     return found
 
 
+class _Limit(Exception):
+    """A bound of the rendering passed (internal: it becomes a `ChatTemplateError`). Not a
+    `ValueError`/`TypeError`, so no filter's own `except` can swallow it."""
+
+
+class _Budget:
+    """What one rendering has used so far (`_RENDERING` holds the current one)."""
+
+    def __init__(self):
+        self.iterations = 0
+        self.depth = 0
+        self.deadline = time.monotonic() + MAX_RENDER_SECONDS
+
+    def step(self, n: int = 1) -> None:
+        self.iterations += n
+        if self.iterations > MAX_LOOP_ITERATIONS:
+            raise _Limit(f"more than {MAX_LOOP_ITERATIONS:,} loop iterations (the bound on a chat template's loops).")
+        if time.monotonic() > self.deadline:
+            raise _Limit(f"rendering took more than {MAX_RENDER_SECONDS:g} s (the bound on a chat template).")
+
+
+_RENDERING: ContextVar[_Budget | None] = ContextVar("eqxlm_chat_template_budget", default=None)
+
+
+def _budget() -> _Budget:
+    budget = _RENDERING.get()
+    if budget is None:  # a compiled template rendered some other way would run unbounded
+        raise RuntimeError("chat templates render through eqxlm.tokenizer.render_chat_template, which bounds them.")
+    return budget
+
+
+def _check_size(value: Any, what: str) -> Any:
+    """`value`, unless it is a string/list longer than `MAX_CHARS` or an integer over `MAX_INT_BITS`."""
+    if isinstance(value, (str, list, tuple, dict)) and len(value) > MAX_CHARS:
+        raise _Limit(f"{what} built a {type(value).__name__} of {len(value):,} items, over the bound of {MAX_CHARS:,}.")
+    if type(value) is int and value.bit_length() > MAX_INT_BITS:
+        raise _Limit(f"{what} built an integer of {value.bit_length():,} bits, over the bound of {MAX_INT_BITS:,}.")
+    return value
+
+
+def _check_length(n: int, what: str) -> None:
+    """Refuse to build a string or list of `n` items when `n` is over `MAX_CHARS`."""
+    if n > MAX_CHARS:
+        raise _Limit(f"{what} would build a string or list of {n:,} items, over the bound of {MAX_CHARS:,}.")
+
+
+def _check_widths(args: Iterable[Any], what: str) -> None:
+    """Refuse an integer argument that would make a string or list over `MAX_CHARS` at once."""
+    for a in args:
+        if type(a) is int and abs(a) > MAX_CHARS:
+            raise _Limit(f"{what} was given {a:,}, over the bound of {MAX_CHARS:,} on what a template builds.")
+
+
+#: Filters whose integer arguments size their result (`'x' | center(10**9)`).
+_WIDTH_FILTERS = frozenset({"batch", "center", "indent", "slice", "tojson", "wordwrap"})
+
+
+def _bounded_filter(name: str, f):
+    # The arguments after the filtered value (and after the context Jinja passes first to a
+    # `pass_context`/`pass_environment` filter): `{{ 10**9 | tojson }}` is no width.
+    skip = 1 if getattr(f, "jinja_pass_arg", None) is None else 2
+
+    @wraps(f)  # keeps Jinja's `pass_context`/`pass_eval_context` marks
+    def bounded(*args, **kwargs):
+        if name in _WIDTH_FILTERS:
+            _check_widths((*args[skip:], *kwargs.values()), f"filter `{name}`")
+        return _check_size(f(*args, **kwargs), f"filter `{name}`")
+
+    return bounded
+
+
+class _Refused(Exception):
+    """A template refused before it renders (internal: it becomes a `ChatTemplateError`)."""
+
+
 @lru_cache(maxsize=32)
-def compile_chat_template(template: str):
-    """Compile a chat template in the sandbox (cached by text), refusing dunder access.
+def _compile_chat_template(template: str):
+    """Compile a chat template in the bounded sandbox (cached by text), refusing dunder access.
 
     The environment is transformers' (`_compile_jinja_template`): `ImmutableSandboxedEnvironment`
     with `trim_blocks`, `lstrip_blocks` and loop controls; filter `tojson` (non-ASCII kept,
     `indent`/`separators`/`sort_keys`); globals `raise_exception`, `strftime_now`, `dict`,
-    `namespace` (no underscore-prefixed names); plus a no-op `{% generation %}` block tag.
+    `namespace` (no underscore-prefixed names); plus a no-op `{% generation %}` block tag. Every
+    `{% for %}` iterates through `bounded_iter` and every `~` joins through `bounded_concat`;
+    the sandbox's `call` and `call_binop` hooks check the rest of the bounds. Render it with
+    `render_chat_template` only: the bounds count against the rendering it starts.
     """
     import jinja2
     import jinja2.ext
     from jinja2 import nodes
+    from jinja2.compiler import CodeGenerator
     from jinja2.exceptions import SecurityError, TemplateError
+    from jinja2.runtime import LoopContext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class GenerationBlock(jinja2.ext.Extension):
@@ -138,9 +248,70 @@ def compile_chat_template(template: str):
         def _body(self, caller):
             return caller()
 
-    class StrictSandbox(ImmutableSandboxedEnvironment):
+    class BoundedCodeGenerator(CodeGenerator):
+        def visit_Concat(self, node, frame):  # `a ~ b`: joined by the environment, which checks the size
+            self.write("environment.bounded_concat((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        code_generator_class = BoundedCodeGenerator
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
+
         def unsafe_undefined(self, obj, attribute):  # fail now, not as an empty string later
             raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe.")
+
+        def bounded_iter(self, iterable):
+            budget = _budget()
+            for item in iterable:
+                budget.step()
+                yield item
+
+        def bounded_concat(self, parts):
+            parts = [str(p) for p in parts]  # as Jinja's `str_join`
+            _check_length(sum(map(len, parts)), "`~`")
+            return "".join(parts)
+
+        def call_binop(self, context, operator, left, right):
+            seq = (str, list, tuple)
+            if operator == "*":  # the size is known before the product is made
+                for items, n in ((left, right), (right, left)):
+                    if isinstance(items, seq) and type(n) is int:
+                        _check_length(len(items) * n, "`*`")
+                if type(left) is int and type(right) is int and left.bit_length() + right.bit_length() > MAX_INT_BITS:
+                    raise _Limit(f"`*` would build an integer of about {left.bit_length() + right.bit_length():,} bits.")
+            elif operator == "**" and type(left) is int and type(right) is int and abs(left) > 1 and right > 0:
+                if (abs(left).bit_length() - 1) * right > MAX_INT_BITS:
+                    raise _Limit(f"`**` would build an integer of over {MAX_INT_BITS:,} bits ({left} ** {right}).")
+            elif operator == "+" and isinstance(left, seq) and isinstance(right, seq):
+                _check_length(len(left) + len(right), "`+`")
+            return _check_size(super().call_binop(context, operator, left, right), f"`{operator}`")
+
+        def call(self, context, obj, /, *args, **kwargs):
+            budget = _budget()
+            if isinstance(getattr(obj, "__self__", None), (str, list, tuple)):  # 'x'.center(10**9)
+                _check_widths((*args, *kwargs.values()), f"`{getattr(obj, '__name__', 'method')}`")
+            if isinstance(obj, LoopContext) and args:  # `loop(children)` in a recursive loop
+                args = (self.bounded_iter(args[0]), *args[1:])
+            budget.step(0)  # the clock
+            budget.depth += 1
+            try:
+                if budget.depth > MAX_CALL_DEPTH:
+                    raise _Limit(f"calls nested more than {MAX_CALL_DEPTH} deep (a macro that recurses without end?).")
+                return _check_size(super().call(context, obj, *args, **kwargs), "a call")
+            finally:
+                budget.depth -= 1
+
+    def bounded_range(*args):
+        if len(args) > 3 or not all(type(a) is int for a in args):
+            return range(*args)  # Python's own TypeError
+        items = range(*args)
+        if len(items) > MAX_RANGE:
+            raise _Limit(f"range of {len(items):,} items, over the bound of {MAX_RANGE:,}.")
+        _budget().step(len(items))  # counted when made: a filter may consume it without a loop
+        return items
 
     def raise_exception(message):
         raise TemplateError(message)
@@ -175,23 +346,51 @@ def compile_chat_template(template: str):
             if isinstance(name, str) and name.startswith("_"):
                 raise SecurityError(f"a chat template cannot store the underscore-prefixed attribute {name!r} on a namespace.")
 
-    env = StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols])
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
+    env.filters = {name: _bounded_filter(name, f) for name, f in env.filters.items()}
+    env.globals["range"] = bounded_range
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     env.globals["dict"] = TemplateDict()
     env.globals["namespace"] = TemplateNamespace
-    try:
-        ast = env.parse(template)
-    except jinja2.TemplateSyntaxError as e:
-        raise ChatTemplateError(f"chat template line {e.lineno}: syntax error: {e.message}") from None
+    ast = env.parse(template)  # a TemplateSyntaxError is named by the caller
     bad = _forbidden_names(ast)
     if bad:
         listed = ", ".join(f"`{name}` (line {line})" for name, line in bad)
-        raise ChatTemplateError(
-            f"chat template refused: it accesses {listed}, Python internals outside the sandbox that no chat template needs."
-        )
-    return env.from_string(template)
+        raise _Refused(f"refused: it accesses {listed}, Python internals outside the sandbox that no chat template needs.")
+    for loop in ast.find_all(nodes.For):
+        guard = nodes.Call(nodes.EnvironmentAttribute("bounded_iter"), [loop.iter], [], None, None)
+        loop.iter = guard.set_lineno(loop.iter.lineno)
+    return env.from_string(ast)
+
+
+def _template_line(error: BaseException) -> int | None:
+    """The template line an exception came from (Jinja rewrites tracebacks to `<template>` lines)."""
+    line = None
+    for frame in traceback.extract_tb(error.__traceback__):
+        if frame.filename == "<template>":
+            line = frame.lineno
+    return line
+
+
+def _template_failure(error: BaseException) -> str:
+    """What went wrong, in a phrase, for any exception a rendering raised."""
+    from jinja2.exceptions import SecurityError, TemplateError, UndefinedError
+
+    if isinstance(error, (_Limit, _Refused)):
+        return str(error)
+    if isinstance(error, SecurityError):
+        return f"refused: it tried to reach outside the sandbox ({error})"
+    if isinstance(error, UndefinedError):
+        return f"undefined value: {error}"
+    if isinstance(error, TemplateError):
+        return f"the template raised an error: {error}"
+    if isinstance(error, RecursionError):
+        return "it recursed deeper than Python allows (a macro that recurses without end?)"
+    if isinstance(error, MemoryError):
+        return "it ran out of memory"
+    return f"{type(error).__name__}: {error}"
 
 
 def render_chat_template(
@@ -201,15 +400,18 @@ def render_chat_template(
     add_generation_prompt: bool = False,
     tools: Sequence[Mapping[str, Any]] | None = None,
     documents: Sequence[Mapping[str, Any]] | None = None,
+    source: str = "chat template",
     **variables: Any,
 ) -> str:
-    """Render `template` for one conversation, as transformers' `render_jinja_template`.
+    """Render `template` for one conversation, as transformers' `render_jinja_template`, within
+    the bounds in this module's docstring.
 
     `messages`: dicts with `role` and `content` (keys whose value is `None` are dropped, as
     transformers does); `variables`: the special tokens (`bos_token`, `eos_token`, ...) and any
-    extra template variables (`date_string`, `enable_thinking`, ...). Raises `ChatTemplateError`.
+    extra template variables (`date_string`, `enable_thinking`, ...); `source`: where the
+    template came from, for messages. Raises `ChatTemplateError`.
     """
-    from jinja2.exceptions import SecurityError, TemplateError
+    import jinja2
 
     if not messages:
         raise ChatTemplateError("cannot apply a chat template to an empty conversation; give at least one message.")
@@ -220,19 +422,35 @@ def render_chat_template(
         chat.append(_plain({k: v for k, v in message.items() if v is not None}))
     if documents is not None and not all(isinstance(d, Mapping) for d in documents):
         raise ChatTemplateError("documents: expected a list of dicts with 'title' and 'text' keys.")
-    compiled = compile_chat_template(template)
     try:
-        return compiled.render(
-            messages=chat,
-            tools=_plain(list(tools)) if tools is not None else None,
-            documents=_plain(list(documents)) if documents is not None else None,
-            add_generation_prompt=add_generation_prompt,
-            **_plain(variables),
-        )
-    except SecurityError as e:
-        raise ChatTemplateError(f"chat template refused: it tried to reach outside the sandbox ({e})") from None
-    except TemplateError as e:
-        raise ChatTemplateError(f"chat template error: {e}") from None
+        compiled = _compile_chat_template(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"{source}, line {e.lineno}: syntax error: {e.message}") from None
+    except _Refused as e:
+        raise ChatTemplateError(f"{source}: {e}") from None
+    stream = compiled.generate(
+        messages=chat,
+        tools=_plain(list(tools)) if tools is not None else None,
+        documents=_plain(list(documents)) if documents is not None else None,
+        add_generation_prompt=add_generation_prompt,
+        **_plain(variables),
+    )
+    token = _RENDERING.set(_Budget())
+    try:
+        pieces, size = [], 0
+        for piece in stream:
+            size += len(piece)
+            if size > MAX_CHARS:
+                raise _Limit(f"its output passed {MAX_CHARS:,} characters (the bound on a chat template's output).")
+            pieces.append(piece)
+        return "".join(pieces)
+    except Exception as e:  # untrusted code: whatever it raised is the template's failure
+        line = _template_line(e)
+        where = f"{source}, line {line}" if line is not None else source
+        raise ChatTemplateError(f"{where}: {_template_failure(e)}") from None
+    finally:
+        stream.close()
+        _RENDERING.reset(token)
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,6 +536,8 @@ class Tokenizer:
     clean_up_tokenization_spaces: bool = False
     chat_template: str | None = None
     name: str = ""
+    #: Where `chat_template` came from, for error messages (its file, or the config that holds it).
+    chat_template_source: str = "chat template"
 
     def _id(self, name: str) -> int | None:
         token = self.special_tokens.get(name)
@@ -376,6 +596,7 @@ class Tokenizer:
         without adding special tokens (the template writes them).
         """
         template = chat_template or self.chat_template
+        source = "the chat_template argument" if chat_template else self.chat_template_source
         if template is None:
             raise ChatTemplateError(
                 f"{self.name or 'this tokenizer'} has no chat template (no `chat_template` in tokenizer_config.json and no "
@@ -387,6 +608,7 @@ class Tokenizer:
             add_generation_prompt=add_generation_prompt,
             tools=tools,
             documents=documents,
+            source=source,
             **{**self.special_tokens, **variables},
         )
         return self.encode(text, add_special_tokens=False) if tokenize else text
@@ -508,8 +730,10 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike, *, revision: str | None =
         template = named.get("default")
     if template is not None and not isinstance(template, str):
         raise TokenizerError(f"{config_path}: chat_template: expected a string, found {type(template).__name__}.")
+    source = f"chat_template in {config_path}"
     if (folder / CHAT_TEMPLATE_FILE).exists():
         template = (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+        source = str(folder / CHAT_TEMPLATE_FILE)
 
     max_length = config.get("model_max_length")
     side = config.get("padding_side", (padding or {}).get("direction", "right"))
@@ -525,4 +749,5 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike, *, revision: str | None =
         clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
         chat_template=template,
         name=str(path_or_repo_id),
+        chat_template_source=source,
     )

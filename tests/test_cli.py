@@ -1,5 +1,6 @@
 """The `eqxlm` command line, end to end, on a checkpoint with a tokenizer the test builds."""
 
+import io
 import json
 import subprocess
 import sys
@@ -88,3 +89,30 @@ def test_info(folder, capsys):
     assert main(["info", str(folder)]) == 0
     text = capsys.readouterr().out
     assert "MistralForCausalLM" in text and "parameters" in text and json.dumps(8) in text
+
+
+def test_chat_banner_names_the_architecture(folder, tmp_path, capsys, monkeypatch):
+    """The banner shows the family's architecture (as the README does), not the builder's class."""
+    chat_folder = tmp_path / "chat"
+    chat_folder.mkdir()
+    for path in folder.iterdir():
+        (chat_folder / path.name).symlink_to(path)
+    template = "{% for m in messages %}{{ m['content'] }}<eos>{% endfor %}"
+    (chat_folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "chat_template": template}))
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # Ctrl-D at the first prompt
+    assert main(["chat", str(chat_folder), "--max-length", "64", "--max-new-tokens", "4"]) == 0
+    banner = capsys.readouterr().err
+    assert f"eqxlm chat: {chat_folder} (MistralForCausalLM, up to 64 tokens)." in banner, banner
+
+
+def test_model_repr_names_the_architecture(folder):
+    """`repr` heads equinox's tree (shapes, never values) with the architecture; a model with no
+    family falls back to its class name."""
+    from types import SimpleNamespace
+
+    import eqxlm
+    from eqxlm.models._contract import architecture_name
+
+    text = repr(eqxlm.from_pretrained(folder))
+    assert text.startswith("MistralForCausalLM: DecoderLM(\n") and "f32[" in text and "Array(" not in text
+    assert architecture_name(SimpleNamespace(config=None)) == "SimpleNamespace"

@@ -255,12 +255,108 @@ def test_sandbox_refuses_unsafe_calls_at_runtime(template):
 
 
 def test_template_errors_are_named():
-    with pytest.raises(ChatTemplateError, match="chat template error: roles must alternate"):
+    with pytest.raises(ChatTemplateError, match="chat template, line 1: the template raised an error: roles must alternate"):
         render_chat_template("{{ raise_exception('roles must alternate') }}", [U1])
     with pytest.raises(ChatTemplateError, match="line 2: syntax error"):
         render_chat_template("ok\n{% for m in messages %}", [U1])
     with pytest.raises(ChatTemplateError, match="empty conversation"):
         render_chat_template("x", [])
+
+
+# The issue's abusive templates (a template arrives with a downloaded checkpoint), and the other
+# ways to ask for unbounded work: each must stop at once with a ChatTemplateError naming the file.
+ABUSIVE = {
+    "nested_range_loops": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                           "more than 1,000,000 loop iterations"),
+    "nested_string_loops": ("{% set s = 'x' * 100000 %}{% for i in s %}{% for j in s %}{% endfor %}{% endfor %}",
+                            "more than 1,000,000 loop iterations"),
+    "recursive_loop": ("{% for x in [[1]] recursive %}{{ loop([[1]]) }}{% endfor %}", "nested more than 100 deep"),
+    "string_times_huge": ("{{ 'x' * 10**8 }}", "`\\*` would build a string or list of 100,000,000 items"),
+    "huge_range": ("{{ range(10**9) | length }}", "range of 1,000,000,000 items"),
+    "recursing_macro": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "nested more than 100 deep"),
+    "doubling_in_a_loop": ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+                           "`~` would build"),
+    "doubling_list": ("{% set ns = namespace(s=[1]) %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+                      "`\\+` would build"),
+    "huge_power": ("{{ 10 ** (10 ** 10) }}", "integer of over 65,536 bits"),
+    "squaring": ("{% set ns = namespace(n=3) %}{% for i in range(40) %}{% set ns.n = ns.n * ns.n %}{% endfor %}", "bits"),
+    "wide_filter": ("{{ 'x' | center(10**9) }}", "filter `center` was given 1,000,000,000"),
+    "wide_method": ("{{ 'x'.ljust(10**9) }}", "`ljust` was given 1,000,000,000"),
+    "long_output": ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "output passed 10,000,000 characters"),
+    "float_overflow": ("{{ 2.0 ** 10000 }}", "OverflowError"),
+    "division_by_zero": ("{{ 1 // 0 }}", "ZeroDivisionError"),
+    "undefined": ("{{ nothing.here }}", "undefined value: 'nothing' is undefined"),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def abusive_folder(tmp_path_factory, backends):
+    return write_folder(tmp_path_factory.mktemp("abusive"), backends["bytelevel"], FAMILIES["qwen2"][1], "x")
+
+
+@pytest.mark.parametrize("case", sorted(ABUSIVE))
+def test_abusive_templates_stop_at_once_naming_the_template(abusive_folder, case):
+    import time
+
+    template, what = ABUSIVE[case]
+    config = json.loads((abusive_folder / "tokenizer_config.json").read_text())
+    (abusive_folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    start = time.perf_counter()
+    with pytest.raises(ChatTemplateError, match=f"^chat_template in {abusive_folder / 'tokenizer_config.json'}.*: .*{what}"):
+        load_tokenizer(abusive_folder).apply_chat_template([U1])
+    assert time.perf_counter() - start < 5  # the bounds stop it; without them it runs until killed or out of memory
+
+
+def test_every_loop_and_character_counts(monkeypatch):
+    """With small bounds: each kind of loop counts its iterations (a range when it is made),
+    and the output stops at the bound."""
+    import eqxlm.tokenizer as module
+
+    monkeypatch.setattr(module, "MAX_LOOP_ITERATIONS", 10)
+    monkeypatch.setattr(module, "MAX_CHARS", 100)
+    eleven = [U1] * 11
+    assert render_chat_template("{% for m in messages %}.{% endfor %}", [U1] * 10) == "." * 10
+    for template, messages in [
+        ("{% for m in messages %}{% endfor %}", eleven),
+        ("{% for c in 'abcdefghijk' %}{% endfor %}", [U1]),
+        ("{% for x in [[1, 2, 3], [4, 5, 6], [7, 8, 9]] recursive %}{{ loop(x) if x is iterable }}{% endfor %}", [U1]),
+        ("{{ range(11) | join }}", [U1]),
+    ]:
+        with pytest.raises(ChatTemplateError, match="more than 10 loop iterations"):
+            render_chat_template(template, messages)
+    with pytest.raises(ChatTemplateError, match="output passed 100 characters"):
+        render_chat_template("{% for m in messages %}{{ 'x' * 50 }}{% endfor %}", [U1] * 3)
+
+
+def test_template_source_is_named(tmp_path, backends):
+    folder = write_folder(tmp_path / "t", backends["bytelevel"], FAMILIES["qwen2"][1], "{{ raise_exception('from the config') }}")
+    tok, config = load_tokenizer(folder), folder / "tokenizer_config.json"
+    with pytest.raises(ChatTemplateError, match=f"^chat_template in {config}, line 1: .*from the config"):
+        tok.apply_chat_template([U1])
+    with pytest.raises(ChatTemplateError, match="^the chat_template argument, line 2: syntax error"):
+        tok.apply_chat_template([U1], chat_template="ok\n{% if %}")
+    (folder / "chat_template.jinja").write_text("\n\n{{ messages[0].nothing.here }}")
+    with pytest.raises(ChatTemplateError, match=f"^{folder / 'chat_template.jinja'}, line 3: undefined value"):
+        load_tokenizer(folder).apply_chat_template([U1])
+
+
+def test_large_numbers_in_the_data_are_not_widths():
+    """The width bounds look at a filter's arguments, not at the value it filters."""
+    template = "{{ messages[0]['n'] | tojson }} {{ messages[0]['n'] * 2 }}{{ 'ab' | center(4) }}{{ 'x'.ljust(3) }}."
+    assert render_chat_template(template, [{"role": "user", "n": 10**12}]) == "1000000000000 2000000000000 ab x  ."
+
+
+@pytest.mark.parametrize("family", ["llama3_1_tools", "qwen2", "mistral"])
+def test_long_conversations_are_within_the_bounds(folders, family):
+    """The bounds are far above what a real template needs: 2,000 turns with tools render as
+    transformers renders them."""
+    folder = folders["bytelevel", family]
+    ours, hf = load_tokenizer(folder), oracle(folder)
+    messages = [U1, A1] * 2000 + [U2]
+    parameters = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 10**12}}}
+    tools = [{"type": "function", "function": {"name": f"f{i}", "parameters": parameters}} for i in range(50)]
+    kwargs = dict(add_generation_prompt=True, tokenize=False, tools=tools)
+    assert ours.apply_chat_template(messages, **kwargs) == hf.apply_chat_template(messages, **kwargs)
 
 
 def test_stream_decoder_never_breaks_characters(backends, tmp_path):

@@ -100,6 +100,13 @@ class AbstractCausalLM(eqx.Module):
 
         return DEFAULT_RULES
 
+    def __repr__(self) -> str:
+        # equinox's tree (arrays as dtype[shape]), headed by the architecture a person knows the
+        # model by (`MistralForCausalLM: DecoderLM(...)`); treescope and `eqx.tree_pformat` are unchanged.
+        tree = eqx.tree_pformat(self, short_arrays=True)
+        name = architecture_name(self)
+        return tree if name == type(self).__name__ else f"{name}: {tree}"
+
     def __call__(
         self,
         input_ids,
@@ -154,6 +161,13 @@ class AbstractCausalLM(eqx.Module):
             attentions=out.attentions,
             cache=out.cache,
         )
+
+
+def architecture_name(model) -> str:
+    """The name to show a person for `model`: its config's Hugging Face architecture
+    (`MistralForCausalLM`), else its class name (a user's own model)."""
+    name = getattr(getattr(model, "config", None), "architecture", None)
+    return name if isinstance(name, str) and name else type(model).__name__
 
 
 def broadcast_cache(cache, batch: int):
