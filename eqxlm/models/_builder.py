@@ -8,7 +8,6 @@ of a class.
 """
 
 import dataclasses
-import math
 from typing import Any, ClassVar
 
 import equinox as eqx
@@ -491,8 +490,3 @@ class DecoderLM(AbstractCausalLM):
 
     def partition_rules(self):
         return self.config.partition_rules()
-
-
-def sqrt_hidden(hidden_size: int) -> float:
-    """Gemma's embedding normaliser."""
-    return math.sqrt(hidden_size)
