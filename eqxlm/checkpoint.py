@@ -32,6 +32,8 @@ from .params import CheckpointTensor, leaf_specs, param_refs, parameter_count
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
+#: The head a tied checkpoint may carry anyway (transformers' name; matched whole, never by suffix).
+TIED_HEAD = "lm_head.weight"
 #: Files fetched from the hub: configs, safetensors, and the tokenizer (with its chat template).
 HUB_PATTERNS = [
     "config.json",
@@ -208,7 +210,7 @@ def from_pretrained(
             problem = st.check_float(file, file_name, info.dtype, dtype)
             if problem:
                 wrong_dtype.append(problem)
-        elif (ignored and ignored.search(file_name)) or (tied and file_name.endswith("lm_head.weight")):
+        elif (ignored and ignored.search(file_name)) or (tied and file_name == TIED_HEAD):
             continue  # a recomputed buffer, or a tied head saved anyway (it equals the embedding)
         else:
             unexpected.append(f"{file.name}: {file_name}")

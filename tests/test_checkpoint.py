@@ -192,6 +192,20 @@ def test_missing_unexpected_and_misshapen_are_all_named(llama_dir):
         assert name in message
 
 
+def test_stray_tensor_ending_like_the_tied_head_is_refused_by_name(tmp_path):
+    """A tied checkpoint may carry `lm_head.weight` (a copy of the embedding), which is
+    skipped; a tensor that merely ends like it is not the head and is refused by name."""
+    path = Path(save_hf(hf_model("llama", tie_word_embeddings=True), tmp_path / "tied"))
+    tensors = load_file(path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    eqxlm.from_pretrained(path)  # the head saved anyway loads
+    tensors["model.extra.lm_head.weight"] = np.zeros((96, 32), np.float32)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"unexpected tensors: model\.safetensors: model\.extra\.lm_head\.weight"):
+        eqxlm.from_pretrained(path)
+
+
 def test_pytorch_bin_only_folder_says_safetensors_needed(llama_dir):
     (llama_dir / "model.safetensors").unlink()
     torch.save({}, llama_dir / "pytorch_model.bin")

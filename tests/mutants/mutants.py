@@ -329,5 +329,10 @@ MUTANTS = [
          find="return attend(q, mask if m is None else m, bias if b is None else b)[0]",
          replace="return attend(q, mask if m is None else m[::-1], bias if b is None else b)[0]",
          tests=["tests/test_attention.py", "-k", "query_blocks"]),
+    # -- issue 32: checkpoints, configs, activations --------------------------------------------
+    dict(id="tied-head-matched-by-suffix", file="eqxlm/checkpoint.py",
+         find="(tied and file_name == TIED_HEAD)",
+         replace="(tied and file_name.endswith(TIED_HEAD))",
+         tests=["tests/test_checkpoint.py", "-k", "stray_tensor"]),
 ]
 # fmt: on
