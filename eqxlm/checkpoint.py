@@ -252,7 +252,7 @@ def from_pretrained(
                 leaf = leaves[ref.leaf]
                 if ref.leaf not in stacked:
                     stacked[ref.leaf] = st.aligned_empty(leaf.shape, leaf.dtype)
-                outs.append(stacked[ref.leaf][ref.index])
+                outs.append(stacked[ref.leaf][(*ref.index, ...)])  # a view, even of a per-layer scalar
             else:
                 outs.append(st.aligned_empty(ref.shape, dtype))
         _split_into(readers[file], file_name, tensor, outs)

@@ -334,5 +334,9 @@ MUTANTS = [
          find="(tied and file_name == TIED_HEAD)",
          replace="(tied and file_name.endswith(TIED_HEAD))",
          tests=["tests/test_checkpoint.py", "-k", "stray_tensor"]),
+    dict(id="stacked-scalar-filled-through-a-copy", file="eqxlm/checkpoint.py",
+         find="outs.append(stacked[ref.leaf][(*ref.index, ...)])",
+         replace="outs.append(stacked[ref.leaf][ref.index].copy())",
+         tests=["tests/test_user_model.py", "-k", "scalar"]),
 ]
 # fmt: on
