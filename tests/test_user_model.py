@@ -62,7 +62,18 @@ class ToyBackbone(eqx.Module):
         return eqxlm.ModelOutput(last_hidden_state=x, cache=new_cache)
 
 
-class ToyLM(eqxlm.AbstractCausalLM):
+class TiedToyHead:
+    """The toy models' `base_model` (their `model`) and tied head."""
+
+    @property
+    def base_model(self):
+        return self.model
+
+    def logits(self, hidden):
+        return hidden @ self.model.embed_tokens.weight.T
+
+
+class ToyLM(TiedToyHead, eqxlm.AbstractCausalLM):
     model: ToyBackbone
     config: ToyConfig = eqx.field(static=True)
     generation_config: eqxlm.GenerationConfig | None = eqx.field(static=True, default=None)
@@ -90,13 +101,6 @@ class ToyLM(eqxlm.AbstractCausalLM):
         self.model = ToyBackbone(embed, tuple(layer(k) for k in keys[1:]), nn.RMSNorm(d, 1e-5, dtype=dtype))
         self.config = config
         self.generation_config = generation_config
-
-    @property
-    def base_model(self):
-        return self.model
-
-    def logits(self, hidden):
-        return hidden @ self.model.embed_tokens.weight.T
 
     def init_cache(self, max_length, *, dtype=None):
         dtype = dtype or self.model.embed_tokens.weight.dtype
@@ -194,7 +198,7 @@ class GainBackbone(eqx.Module):
         return eqxlm.ModelOutput(last_hidden_state=x)
 
 
-class GainLM(eqxlm.AbstractCausalLM):
+class GainLM(TiedToyHead, eqxlm.AbstractCausalLM):
     model: GainBackbone
     config: GainConfig = eqx.field(static=True)
     generation_config: eqxlm.GenerationConfig | None = eqx.field(static=True, default=None)
@@ -211,13 +215,6 @@ class GainLM(eqxlm.AbstractCausalLM):
         self.model = GainBackbone(eqx.nn.Embedding(config.vocab_size, d, dtype=dtype, key=k_embed), layers)
         self.config = config
         self.generation_config = generation_config
-
-    @property
-    def base_model(self):
-        return self.model
-
-    def logits(self, hidden):
-        return hidden @ self.model.embed_tokens.weight.T
 
     def init_cache(self, max_length, *, dtype=None):
         raise NotImplementedError
