@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf import hf_model, run_hf, save_hf
+from hf import hf_model, run_hf, save_hf, tiny_mistral
 from safetensors.numpy import load_file, save_file
 
 import eqxlm
@@ -204,6 +204,50 @@ def test_stray_tensor_ending_like_the_tied_head_is_refused_by_name(tmp_path):
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"unexpected tensors: model\.safetensors: model\.extra\.lm_head\.weight"):
         eqxlm.from_pretrained(path)
+
+
+def test_save_refuses_tensors_its_family_does_not_build(tmp_path):
+    """`save_pretrained` writes the config's `model_type`; tensors that family does not build
+    would make a folder `from_pretrained` refuses, so saving refuses first, names the tensors and
+    says what to do. Nothing is written."""
+    import equinox as eqx
+
+    from eqxlm import lora, quantization
+
+    model = tiny_mistral()
+    # a part replaced with eqx.tree_at: an MLP with biases is not a Mistral's
+    biased = eqxlm.nn.GatedMLP(32, 48, use_bias=True, key=jax.random.key(1))
+    changed = eqx.tree_at(lambda m: m.model.layers[1].mlp, model, biased)
+    with pytest.raises(CheckpointError) as info:
+        eqxlm.save_pretrained(changed, tmp_path / "changed")
+    message = str(info.value)
+    assert "not in a mistral: model.layers.1.mlp.down_proj.bias" in message and "own model_type" in message
+    assert len(message) < 800 and not (tmp_path / "changed").exists()
+    # the same names, another size
+    wider = eqx.tree_at(lambda m: m.model.layers[0].mlp, model, eqxlm.nn.GatedMLP(32, 64, key=jax.random.key(1)))
+    with pytest.raises(
+        CheckpointError, match=r"misshapen: model\.layers\.0\.mlp\.down_proj\.weight: model \(32, 64\), mistral \(32, 48\)"
+    ):
+        eqxlm.save_pretrained(wider, tmp_path / "x")
+    # a head dropped by hand where the config says untied
+    with pytest.raises(CheckpointError, match=r"missing: lm_head\.weight"):
+        eqxlm.save_pretrained(eqx.tree_at(lambda m: m.lm_head, model, None, is_leaf=lambda x: x is None), tmp_path / "x")
+    # adapters not merged; quantized projections
+    adapted = lora.add_adapters(model, lora.LoraConfig(r=2, target_modules=["q_proj"]), key=jax.random.key(2))
+    with pytest.raises(CheckpointError, match=r"lora_A.*merge_and_unload"):
+        eqxlm.save_pretrained(adapted, tmp_path / "x")
+    with pytest.raises(CheckpointError, match=r"qweight.*save_quantized"):
+        eqxlm.save_pretrained(quantization.quantize(model), tmp_path / "x")
+    # what the family builds saves: merged adapters, scanned layers, bfloat16, a tied head
+    for name, ok in [
+        ("merged", lora.merge_and_unload(adapted)),
+        ("scanned", eqxlm.scan_layers(model)),
+        ("bf16", jax.tree.map(lambda x: x.astype(jnp.bfloat16) if eqx.is_array(x) else x, model)),
+        ("tied", tiny_mistral(tie_word_embeddings=True)),
+    ]:
+        again = eqxlm.hf_state_dict(eqxlm.from_pretrained(eqxlm.save_pretrained(ok, tmp_path / name)))
+        for key, value in eqxlm.hf_state_dict(ok).items():
+            assert again[key].dtype == value.dtype and np.array_equal(again[key], value), (name, key)
 
 
 def test_pytorch_bin_only_folder_says_safetensors_needed(llama_dir):

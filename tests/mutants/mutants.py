@@ -338,5 +338,9 @@ MUTANTS = [
          find="outs.append(stacked[ref.leaf][(*ref.index, ...)])",
          replace="outs.append(stacked[ref.leaf][ref.index].copy())",
          tests=["tests/test_user_model.py", "-k", "scalar"]),
+    dict(id="save-family-check-ignores-shapes", file="eqxlm/checkpoint.py",
+         find="if not (extra or missing or misshapen):",
+         replace="if not (extra or missing):",
+         tests=["tests/test_checkpoint.py", "-k", "family_does_not_build"]),
 ]
 # fmt: on
