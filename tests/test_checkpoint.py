@@ -270,7 +270,9 @@ def test_missing_shard_is_named(llama_dir, tmp_path):
     [
         ("quantization_config", {"quant_method": "gptq"}, "llama"),
         ("rope_scaling", {"type": "yarn", "factor": 2.0}, "llama"),
-        ("hidden_act", "quick_gelu", "llama"),
+        ("hidden_act", "xielu", "llama"),
+        ("hidden_activation", "prelu", "gemma2"),
+        ("activation_function", "no_such_activation", "gpt2"),
         ("slow_but_exact", True, "bloom"),
         ("attention_bias", True, "mistral"),
         ("some_new_field", 1, "mistral"),

@@ -15,6 +15,7 @@ import typing
 from typing import Any, ClassVar, Literal, Union
 
 from ..nn import RopeScaling
+from ..nn._activations import UnsupportedActivation
 
 
 class ConfigError(ValueError):
@@ -146,6 +147,8 @@ class BaseConfig:
     hf_fields: ClassVar[dict[str, str]]
     #: Fields on top of COMMON_IGNORED that cannot change this family's numbers, with why.
     ignored_fields: ClassVar[dict[str, str]] = {}
+    #: The `config.json` field that names the MLP's activation (an unsupported one is refused by it).
+    activation_field: ClassVar[str] = "hidden_act"
 
     vocab_size: int
     tie_word_embeddings: bool = False
@@ -172,6 +175,8 @@ class BaseConfig:
             self.decoder_spec()
         except NotImplementedError:
             pass
+        except UnsupportedActivation as e:
+            raise ConfigError(f"{self.activation_field}: {e}") from None
         except ValueError as e:
             raise ConfigError(str(e)) from None
 

@@ -91,8 +91,8 @@ MUTANTS = [
          tests=["tests/test_attention.py", "-k", "cached_blocks"]),
     # (0.7978845608 for BLOOM's 0.79788456 is equivalent in float32: the same rounded constant)
     dict(id="bloom-gelu-cubic-coefficient-rounded", file="eqxlm/nn/_activations.py",
-         find="jnp.tanh(0.79788456 * x * (1.0 + 0.044715 * x * x))",
-         replace="jnp.tanh(0.79788456 * x * (1.0 + 0.0447 * x * x))",
+         find="r(r(0.044715 * y) * y)",
+         replace="r(r(0.0447 * y) * y)",
          tests=["tests/test_activations_mlp.py"]),
     # -- decoder layer and models ---------------------------------------------------------------
     dict(id="post-ln-residual-ignored", file="eqxlm/nn/_decoder.py",
@@ -342,5 +342,21 @@ MUTANTS = [
          find="if not (extra or missing or misshapen):",
          replace="if not (extra or missing):",
          tests=["tests/test_checkpoint.py", "-k", "family_does_not_build"]),
+    dict(id="gelu-fast-scalars-in-bf16", file="eqxlm/nn/_activations.py",
+         find="return op_by_op(lambda y, r: _fast_tanh_formula(y, r, 0.7978845608))(x)",
+         replace="return 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))",
+         tests=["tests/test_activations_mlp.py", "-k", "bfloat16"]),
+    dict(id="quick-gelu-constant-rounded", file="eqxlm/nn/_activations.py",
+         find="r(1.702 * y)",
+         replace="r(1.703125 * y)",
+         tests=["tests/test_activations_mlp.py", "-k", "quick_gelu"]),
+    dict(id="softplus-exponent-unclamped", file="eqxlm/nn/_activations.py",
+         find="jnp.log1p(jnp.exp(jnp.minimum(x, 20.0)))",
+         replace="jnp.log1p(jnp.exp(x))",
+         tests=["tests/test_activations_mlp.py", "-k", "gradients"]),
+    dict(id="activation-refused-under-hidden-act", file="eqxlm/models/_config.py",
+         find='raise ConfigError(f"{self.activation_field}: {e}") from None',
+         replace='raise ConfigError(f"hidden_act: {e}") from None',
+         tests=["tests/test_checkpoint.py", "-k", "unsupported_config"]),
 ]
 # fmt: on
