@@ -358,5 +358,13 @@ MUTANTS = [
          find='raise ConfigError(f"{self.activation_field}: {e}") from None',
          replace='raise ConfigError(f"hidden_act: {e}") from None',
          tests=["tests/test_checkpoint.py", "-k", "unsupported_config"]),
+    dict(id="qwen2-moe-window-layers-off-by-one", file="eqxlm/models/qwen2_moe.py",
+         find="(i + 1) % 2 and i < self.max_window_layers",
+         replace="(i + 1) % 2 and i <= self.max_window_layers",
+         tests=["tests/test_window_layers.py", "-k", "qwen2_moe"]),
+    dict(id="qwen2-moe-window-layers-even", file="eqxlm/models/qwen2_moe.py",
+         find='"sliding_attention" if (i + 1) % 2 and',
+         replace='"sliding_attention" if i % 2 and',
+         tests=["tests/test_window_layers.py", "-k", "qwen2_moe"]),
 ]
 # fmt: on
