@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import LOGITS_ATOL
 from hf import hf_model, run_hf, save_hf, tiny_mistral
 from safetensors.numpy import load_file, save_file
 
@@ -248,6 +249,71 @@ def test_save_refuses_tensors_its_family_does_not_build(tmp_path):
         again = eqxlm.hf_state_dict(eqxlm.from_pretrained(eqxlm.save_pretrained(ok, tmp_path / name)))
         for key, value in eqxlm.hf_state_dict(ok).items():
             assert again[key].dtype == value.dtype and np.array_equal(again[key], value), (name, key)
+
+
+def test_phi3_longrope_as_hub_checkpoints_write_it(tmp_path):
+    """Phi-3 checkpoints keep `original_max_position_embeddings` at the top level, longrope in
+    transformers 4's `rope_scaling` (`type`, no `rope_theta`); transformers reads the length
+    there. eqxlm loads it, matches transformers' logits on both sides of the switch point, and
+    writes it back where transformers reads it (top level and `rope_parameters`)."""
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0, 1.5, 2.0, 3.0],
+        "long_factor": [2.0, 3.0, 5.0, 9.0],
+    }
+    ref = hf_model("phi3", original_max_position_embeddings=8, rope_parameters=rope)
+    path = Path(save_hf(ref, tmp_path / "hf"))
+    config = json.loads((path / "config.json").read_text())
+    del config["rope_parameters"]
+    config.update(
+        rope_theta=10000.0,
+        rope_scaling={"type": "longrope", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"]},
+    )
+    assert config["original_max_position_embeddings"] == 8
+    (path / "config.json").write_text(json.dumps(config))
+    read = transformers.AutoConfig.from_pretrained(path).rope_parameters
+    assert {k: v for k, v in read.items() if k != "type"} == ref.config.rope_parameters
+    model = eqxlm.from_pretrained(path)
+    rng = np.random.default_rng(0)
+    for n in (6, 12):  # short_factor, then long_factor (past 8 positions)
+        ids = rng.integers(0, 96, size=(1, n))
+        got = np.asarray(jax.vmap(model)(jnp.asarray(ids)).logits)
+        np.testing.assert_allclose(got, run_hf(ref, ids).logits.numpy(), atol=LOGITS_ATOL, rtol=0)
+    out = eqxlm.save_pretrained(model, tmp_path / "out")
+    written = json.loads((out / "config.json").read_text())
+    assert written["original_max_position_embeddings"] == 8 == written["rope_parameters"]["original_max_position_embeddings"]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert reloaded.config.rope_parameters == ref.config.rope_parameters
+    np.testing.assert_array_equal(run_hf(reloaded, ids).logits.numpy(), run_hf(ref, ids).logits.numpy())
+
+
+def test_longrope_without_original_length_takes_max_position_embeddings(tmp_path):
+    """A longrope `rope_parameters` without `original_max_position_embeddings`: transformers
+    takes `max_position_embeddings`, and so does eqxlm (it used to refuse the config as missing
+    the field). The same field at the top level is not read by transformers' Llama (only Phi-3
+    reads it there): refused by its name, not reported missing."""
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 1e4,
+        "factor": 2.0,
+        "short_factor": [1.0, 1.5, 2.0, 3.0],
+        "long_factor": [2.0] * 4,
+    }
+    ref = hf_model("llama", max_position_embeddings=12, rope_parameters=rope)
+    path = Path(save_hf(ref, tmp_path / "hf"))
+    config = json.loads((path / "config.json").read_text())
+    del config["rope_parameters"]["original_max_position_embeddings"]
+    (path / "config.json").write_text(json.dumps(config))
+    assert transformers.AutoConfig.from_pretrained(path).rope_parameters["original_max_position_embeddings"] == 12
+    model = eqxlm.from_pretrained(path)
+    ids = np.random.default_rng(0).integers(0, 96, size=(1, 10))
+    got = np.asarray(jax.vmap(model)(jnp.asarray(ids)).logits)
+    np.testing.assert_allclose(got, run_hf(ref, ids).logits.numpy(), atol=LOGITS_ATOL, rtol=0)
+    config["original_max_position_embeddings"] = 6
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="unsupported config field.*: original_max_position_embeddings"):
+        eqxlm.from_pretrained(path)
 
 
 def test_pytorch_bin_only_folder_says_safetensors_needed(llama_dir):

@@ -366,5 +366,13 @@ MUTANTS = [
          find='"sliding_attention" if (i + 1) % 2 and',
          replace='"sliding_attention" if i % 2 and',
          tests=["tests/test_window_layers.py", "-k", "qwen2_moe"]),
+    dict(id="phi3-top-level-original-length-not-preferred", file="eqxlm/models/phi3.py",
+         find='params["original_max_position_embeddings"] = raw.get("original_max_position_embeddings", 4096)',
+         replace='params.setdefault("original_max_position_embeddings", 4096)',
+         tests=["tests/test_checkpoint.py", "-k", "phi3_longrope"]),
+    dict(id="longrope-original-length-default-dropped", file="eqxlm/models/_config.py",
+         find='merged.setdefault("original_max_position_embeddings", raw["max_position_embeddings"])',
+         replace="pass",
+         tests=["tests/test_checkpoint.py", "-k", "longrope_without_original"]),
 ]
 # fmt: on
