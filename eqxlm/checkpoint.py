@@ -32,6 +32,8 @@ from .params import CheckpointTensor, leaf_specs, param_refs, parameter_count
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
+#: The head a tied checkpoint may carry anyway (transformers' name; matched whole, never by suffix).
+TIED_HEAD = "lm_head.weight"
 #: Files fetched from the hub: configs, safetensors, and the tokenizer (with its chat template).
 HUB_PATTERNS = [
     "config.json",
@@ -208,7 +210,7 @@ def from_pretrained(
             problem = st.check_float(file, file_name, info.dtype, dtype)
             if problem:
                 wrong_dtype.append(problem)
-        elif (ignored and ignored.search(file_name)) or (tied and file_name.endswith("lm_head.weight")):
+        elif (ignored and ignored.search(file_name)) or (tied and file_name == TIED_HEAD):
             continue  # a recomputed buffer, or a tied head saved anyway (it equals the embedding)
         else:
             unexpected.append(f"{file.name}: {file_name}")
@@ -250,7 +252,7 @@ def from_pretrained(
                 leaf = leaves[ref.leaf]
                 if ref.leaf not in stacked:
                     stacked[ref.leaf] = st.aligned_empty(leaf.shape, leaf.dtype)
-                outs.append(stacked[ref.leaf][ref.index])
+                outs.append(stacked[ref.leaf][(*ref.index, ...)])  # a view, even of a per-layer scalar
             else:
                 outs.append(st.aligned_empty(ref.shape, dtype))
         _split_into(readers[file], file_name, tensor, outs)
@@ -435,6 +437,48 @@ def hf_state_dict(model: AbstractCausalLM) -> dict[str, np.ndarray]:
     return out
 
 
+def _check_family(model: AbstractCausalLM, tensors: dict[str, np.ndarray]) -> None:
+    """Refuse to write a folder that `from_pretrained` would refuse: the checkpoint tensors of
+    `model` must be those its config's family builds (names and shapes; an abstract skeleton
+    of the family, nothing allocated). A model whose parts were replaced (`eqx.tree_at`), one
+    with LoRA adapters or quantized projections, differs."""
+    model_type = model.config.model_type
+    try:
+        _, family = lookup(model_type)
+    except KeyError:
+        raise CheckpointError(
+            f"save_pretrained: model_type {model_type!r} is not registered, so from_pretrained could not load the "
+            "folder; register the config and model classes first (eqxlm.register(ConfigClass, ModelClass))."
+        ) from None
+    skeleton = eqx.filter_eval_shape(lambda key: family(model.config, key=key), jax.random.key(0))
+    expected = {t.name: t.shape for t in skeleton.key_map().checkpoint_tensors(param_refs(skeleton))}
+    extra = sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(tensors))
+    misshapen = sorted(
+        f"{n}: model {tensors[n].shape}, {model_type} {expected[n]}"
+        for n in set(tensors) & set(expected)
+        if tensors[n].shape != expected[n]
+    )
+    if not (extra or missing or misshapen):
+        return
+    found = [f"not in a {model_type}: {st._plural(extra, 4)}"] if extra else []
+    found += [f"missing: {st._plural(missing, 4)}"] if missing else []
+    found += [f"misshapen: {st._plural(misshapen, 4, '; ')}"] if misshapen else []
+    if any(re.search(r"\.lora_[AB]$", n) for n in extra):
+        hint = "merge the adapters first (eqxlm.lora.merge_and_unload(model)), or save them alone with eqxlm.lora.save_adapter"
+    elif any(n.endswith((".qweight", ".scales")) for n in extra):
+        hint = "save a quantized model with eqxlm.save_quantized"
+    else:
+        hint = (
+            "a model whose parts were changed is a new architecture: give it a config class with its own model_type "
+            "and register it with its model class (eqxlm.register), as tests/test_user_model.py does"
+        )
+    raise CheckpointError(
+        f"save_pretrained: the model's tensors are not those of its config's family ({model_type}), so "
+        f"from_pretrained could not load the folder ({'; '.join(found)}); {hint}."
+    )
+
+
 def save_pretrained(model: AbstractCausalLM, out_dir: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
     """Write `model` as a Hugging Face checkpoint that transformers loads.
 
@@ -443,10 +487,15 @@ def save_pretrained(model: AbstractCausalLM, out_dir: str | os.PathLike, *, max_
     `model.safetensors.index.json` when the weights exceed `max_shard_size` (bytes, or a
     string such as `"500MB"`). Tensors keep their dtype and values bit for bit.
     **Returns:** the folder.
+
+    The tensors must be those the config's family builds (so that `from_pretrained` reads the
+    folder back): a model with replaced parts, LoRA adapters or quantized projections is a
+    `CheckpointError` that names the first differing tensors and says what to do instead.
     """
+    tensors = dict(sorted(hf_state_dict(model).items()))
+    _check_family(model, tensors)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = dict(sorted(hf_state_dict(model).items()))
     limit = _parse_size(max_shard_size)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0

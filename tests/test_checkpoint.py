@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf import hf_model, run_hf, save_hf
+from conftest import LOGITS_ATOL
+from hf import hf_model, run_hf, save_hf, tiny_mistral
 from safetensors.numpy import load_file, save_file
 
 import eqxlm
@@ -192,6 +193,129 @@ def test_missing_unexpected_and_misshapen_are_all_named(llama_dir):
         assert name in message
 
 
+def test_stray_tensor_ending_like_the_tied_head_is_refused_by_name(tmp_path):
+    """A tied checkpoint may carry `lm_head.weight` (a copy of the embedding), which is
+    skipped; a tensor that merely ends like it is not the head and is refused by name."""
+    path = Path(save_hf(hf_model("llama", tie_word_embeddings=True), tmp_path / "tied"))
+    tensors = load_file(path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    eqxlm.from_pretrained(path)  # the head saved anyway loads
+    tensors["model.extra.lm_head.weight"] = np.zeros((96, 32), np.float32)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"unexpected tensors: model\.safetensors: model\.extra\.lm_head\.weight"):
+        eqxlm.from_pretrained(path)
+
+
+def test_save_refuses_tensors_its_family_does_not_build(tmp_path):
+    """`save_pretrained` writes the config's `model_type`; tensors that family does not build
+    would make a folder `from_pretrained` refuses, so saving refuses first, names the tensors and
+    says what to do. Nothing is written."""
+    import equinox as eqx
+
+    from eqxlm import lora, quantization
+
+    model = tiny_mistral()
+    # a part replaced with eqx.tree_at: an MLP with biases is not a Mistral's
+    biased = eqxlm.nn.GatedMLP(32, 48, use_bias=True, key=jax.random.key(1))
+    changed = eqx.tree_at(lambda m: m.model.layers[1].mlp, model, biased)
+    with pytest.raises(CheckpointError) as info:
+        eqxlm.save_pretrained(changed, tmp_path / "changed")
+    message = str(info.value)
+    assert "not in a mistral: model.layers.1.mlp.down_proj.bias" in message and "own model_type" in message
+    assert len(message) < 800 and not (tmp_path / "changed").exists()
+    # the same names, another size
+    wider = eqx.tree_at(lambda m: m.model.layers[0].mlp, model, eqxlm.nn.GatedMLP(32, 64, key=jax.random.key(1)))
+    with pytest.raises(
+        CheckpointError, match=r"misshapen: model\.layers\.0\.mlp\.down_proj\.weight: model \(32, 64\), mistral \(32, 48\)"
+    ):
+        eqxlm.save_pretrained(wider, tmp_path / "x")
+    # a head dropped by hand where the config says untied
+    with pytest.raises(CheckpointError, match=r"missing: lm_head\.weight"):
+        eqxlm.save_pretrained(eqx.tree_at(lambda m: m.lm_head, model, None, is_leaf=lambda x: x is None), tmp_path / "x")
+    # adapters not merged; quantized projections
+    adapted = lora.add_adapters(model, lora.LoraConfig(r=2, target_modules=["q_proj"]), key=jax.random.key(2))
+    with pytest.raises(CheckpointError, match=r"lora_A.*merge_and_unload"):
+        eqxlm.save_pretrained(adapted, tmp_path / "x")
+    with pytest.raises(CheckpointError, match=r"qweight.*save_quantized"):
+        eqxlm.save_pretrained(quantization.quantize(model), tmp_path / "x")
+    # what the family builds saves: merged adapters, scanned layers, bfloat16, a tied head
+    for name, ok in [
+        ("merged", lora.merge_and_unload(adapted)),
+        ("scanned", eqxlm.scan_layers(model)),
+        ("bf16", jax.tree.map(lambda x: x.astype(jnp.bfloat16) if eqx.is_array(x) else x, model)),
+        ("tied", tiny_mistral(tie_word_embeddings=True)),
+    ]:
+        again = eqxlm.hf_state_dict(eqxlm.from_pretrained(eqxlm.save_pretrained(ok, tmp_path / name)))
+        for key, value in eqxlm.hf_state_dict(ok).items():
+            assert again[key].dtype == value.dtype and np.array_equal(again[key], value), (name, key)
+
+
+def test_phi3_longrope_as_hub_checkpoints_write_it(tmp_path):
+    """Phi-3 checkpoints keep `original_max_position_embeddings` at the top level, longrope in
+    transformers 4's `rope_scaling` (`type`, no `rope_theta`); transformers reads the length
+    there. eqxlm loads it, matches transformers' logits on both sides of the switch point, and
+    writes it back where transformers reads it (top level and `rope_parameters`)."""
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0, 1.5, 2.0, 3.0],
+        "long_factor": [2.0, 3.0, 5.0, 9.0],
+    }
+    ref = hf_model("phi3", original_max_position_embeddings=8, rope_parameters=rope)
+    path = Path(save_hf(ref, tmp_path / "hf"))
+    config = json.loads((path / "config.json").read_text())
+    del config["rope_parameters"]
+    config.update(
+        rope_theta=10000.0,
+        rope_scaling={"type": "longrope", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"]},
+    )
+    assert config["original_max_position_embeddings"] == 8
+    (path / "config.json").write_text(json.dumps(config))
+    read = transformers.AutoConfig.from_pretrained(path).rope_parameters
+    assert {k: v for k, v in read.items() if k != "type"} == ref.config.rope_parameters
+    model = eqxlm.from_pretrained(path)
+    rng = np.random.default_rng(0)
+    for n in (6, 12):  # short_factor, then long_factor (past 8 positions)
+        ids = rng.integers(0, 96, size=(1, n))
+        got = np.asarray(jax.vmap(model)(jnp.asarray(ids)).logits)
+        np.testing.assert_allclose(got, run_hf(ref, ids).logits.numpy(), atol=LOGITS_ATOL, rtol=0)
+    out = eqxlm.save_pretrained(model, tmp_path / "out")
+    written = json.loads((out / "config.json").read_text())
+    assert written["original_max_position_embeddings"] == 8 == written["rope_parameters"]["original_max_position_embeddings"]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert reloaded.config.rope_parameters == ref.config.rope_parameters
+    np.testing.assert_array_equal(run_hf(reloaded, ids).logits.numpy(), run_hf(ref, ids).logits.numpy())
+
+
+def test_longrope_without_original_length_takes_max_position_embeddings(tmp_path):
+    """A longrope `rope_parameters` without `original_max_position_embeddings`: transformers
+    takes `max_position_embeddings`, and so does eqxlm (it used to refuse the config as missing
+    the field). The same field at the top level is not read by transformers' Llama (only Phi-3
+    reads it there): refused by its name, not reported missing."""
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 1e4,
+        "factor": 2.0,
+        "short_factor": [1.0, 1.5, 2.0, 3.0],
+        "long_factor": [2.0] * 4,
+    }
+    ref = hf_model("llama", max_position_embeddings=12, rope_parameters=rope)
+    path = Path(save_hf(ref, tmp_path / "hf"))
+    config = json.loads((path / "config.json").read_text())
+    del config["rope_parameters"]["original_max_position_embeddings"]
+    (path / "config.json").write_text(json.dumps(config))
+    assert transformers.AutoConfig.from_pretrained(path).rope_parameters["original_max_position_embeddings"] == 12
+    model = eqxlm.from_pretrained(path)
+    ids = np.random.default_rng(0).integers(0, 96, size=(1, 10))
+    got = np.asarray(jax.vmap(model)(jnp.asarray(ids)).logits)
+    np.testing.assert_allclose(got, run_hf(ref, ids).logits.numpy(), atol=LOGITS_ATOL, rtol=0)
+    config["original_max_position_embeddings"] = 6
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="unsupported config field.*: original_max_position_embeddings"):
+        eqxlm.from_pretrained(path)
+
+
 def test_pytorch_bin_only_folder_says_safetensors_needed(llama_dir):
     (llama_dir / "model.safetensors").unlink()
     torch.save({}, llama_dir / "pytorch_model.bin")
@@ -212,7 +336,9 @@ def test_missing_shard_is_named(llama_dir, tmp_path):
     [
         ("quantization_config", {"quant_method": "gptq"}, "llama"),
         ("rope_scaling", {"type": "yarn", "factor": 2.0}, "llama"),
-        ("hidden_act", "quick_gelu", "llama"),
+        ("hidden_act", "xielu", "llama"),
+        ("hidden_activation", "prelu", "gemma2"),
+        ("activation_function", "no_such_activation", "gpt2"),
         ("slow_but_exact", True, "bloom"),
         ("attention_bias", True, "mistral"),
         ("some_new_field", 1, "mistral"),

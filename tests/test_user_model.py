@@ -62,7 +62,18 @@ class ToyBackbone(eqx.Module):
         return eqxlm.ModelOutput(last_hidden_state=x, cache=new_cache)
 
 
-class ToyLM(eqxlm.AbstractCausalLM):
+class TiedToyHead:
+    """The toy models' `base_model` (their `model`) and tied head."""
+
+    @property
+    def base_model(self):
+        return self.model
+
+    def logits(self, hidden):
+        return hidden @ self.model.embed_tokens.weight.T
+
+
+class ToyLM(TiedToyHead, eqxlm.AbstractCausalLM):
     model: ToyBackbone
     config: ToyConfig = eqx.field(static=True)
     generation_config: eqxlm.GenerationConfig | None = eqx.field(static=True, default=None)
@@ -90,13 +101,6 @@ class ToyLM(eqxlm.AbstractCausalLM):
         self.model = ToyBackbone(embed, tuple(layer(k) for k in keys[1:]), nn.RMSNorm(d, 1e-5, dtype=dtype))
         self.config = config
         self.generation_config = generation_config
-
-    @property
-    def base_model(self):
-        return self.model
-
-    def logits(self, hidden):
-        return hidden @ self.model.embed_tokens.weight.T
 
     def init_cache(self, max_length, *, dtype=None):
         dtype = dtype or self.model.embed_tokens.weight.dtype
@@ -157,3 +161,77 @@ def test_shard_and_train_step(toy):
     loss = eqx.filter_jit(eqxlm.training.batch_loss)
     a, b = loss(toy, ids), loss(remat, ids)
     np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+
+
+# -- a part with a per-layer scalar parameter, scanned ------------------------------------
+class GainMLP(eqx.Module):
+    """A residual ReLU MLP whose branch is multiplied by a learned per-layer scalar `gain`
+    (shape `()`): stacked over the layers it is a vector, one entry per checkpoint tensor."""
+
+    mlp: nn.MLP
+    gain: jax.Array
+
+    def __call__(self, x):
+        return x + self.gain * jax.vmap(self.mlp)(x)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GainConfig(eqxlm.BaseConfig):
+    model_type: ClassVar[str] = "toy-gain"
+    architecture: ClassVar[str] = "ToyGainForCausalLM"
+    hf_fields: ClassVar[dict[str, str]] = {n: n for n in ("vocab_size", "hidden_size", "num_layers", "tie_word_embeddings")}
+    vocab_size: int = 48
+    hidden_size: int = 16
+    num_layers: int = 3
+    tie_word_embeddings: bool = True
+
+
+class GainBackbone(eqx.Module):
+    embed_tokens: eqx.nn.Embedding
+    layers: tuple[GainMLP, ...] | nn.LayerStack
+
+    def __call__(
+        self, input_ids, attention_mask=None, positions=None, cache=None, *, output_hidden_states=False, output_attentions=False
+    ):
+        x = self.embed_tokens.weight[input_ids]
+        x, _, _, _ = nn.run_layers(self.layers, x, lambda layer, x, c: (layer(x), None, c), None, collect=False)
+        return eqxlm.ModelOutput(last_hidden_state=x)
+
+
+class GainLM(TiedToyHead, eqxlm.AbstractCausalLM):
+    model: GainBackbone
+    config: GainConfig = eqx.field(static=True)
+    generation_config: eqxlm.GenerationConfig | None = eqx.field(static=True, default=None)
+
+    def __init__(self, config, *, key, dtype=jnp.float32, generation_config=None, scan_layers=False):
+        d = config.hidden_size
+        k_embed, *keys = jax.random.split(key, config.num_layers + 1)
+
+        def layer(i, k):
+            mlp = nn.MLP(d, 2 * d, activation=jax.nn.relu, dtype=dtype, key=k)
+            return GainMLP(mlp, jnp.asarray(1.0 + 0.25 * i, dtype))
+
+        layers = nn.LayerStack.build(layer, keys) if scan_layers else tuple(layer(i, k) for i, k in enumerate(keys))
+        self.model = GainBackbone(eqx.nn.Embedding(config.vocab_size, d, dtype=dtype, key=k_embed), layers)
+        self.config = config
+        self.generation_config = generation_config
+
+    def init_cache(self, max_length, *, dtype=None):
+        raise NotImplementedError
+
+
+eqxlm.register(GainConfig, GainLM)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_per_layer_scalar_parameter_saves_and_loads_in_both_layouts(scan_layers, tmp_path):
+    model = GainLM(GainConfig(), key=jax.random.key(1))
+    folder = eqxlm.save_pretrained(model, tmp_path / "gain")
+    names = eqxlm.hf_state_dict(model)
+    assert names["model.layers.2.gain"].shape == () and float(names["model.layers.2.gain"]) == 1.5
+    again = eqxlm.from_pretrained(folder, scan_layers=scan_layers)
+    assert isinstance(again.model.layers, nn.LayerStack) == scan_layers
+    for name, value in eqxlm.hf_state_dict(again).items():
+        np.testing.assert_array_equal(value, names[name], err_msg=name)
+    ids = jnp.arange(7, dtype=jnp.int32)
+    np.testing.assert_allclose(np.asarray(logits_of(again, ids)), np.asarray(logits_of(model, ids)), rtol=1e-6, atol=1e-6)

@@ -8,7 +8,6 @@ of a class.
 """
 
 import dataclasses
-import math
 from typing import Any, ClassVar
 
 import equinox as eqx
@@ -19,7 +18,6 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from .._memory import check_constructor
 from .._typing import typecheck
 from ..nn import (
-    ACTIVATIONS,
     MLP,
     ALiBi,
     Attention,
@@ -38,6 +36,7 @@ from ..nn import (
     regroup,
     run_layers,
 )
+from ..nn._activations import activation
 from ..nn._linear import linear, make_linear, times_weight
 from ..nn._rotary import longrope_uses_long
 from ..nn._taps import each_token
@@ -114,7 +113,7 @@ class DecoderSpec:
     Attention: `positions` (`"rope"`, `"alibi"` or None) with `rope`, and `local_rope` for
     sliding layers (Gemma 3); `qkv_bias`, `o_bias`; `query_scale` (None = `head_dim**-0.5`; a tuple gives one per layer);
     `attn_logit_softcap`; `layer_windows` (per layer: None = full causal, or a window).
-    MLP: `mlp` (`"gated"` or `"plain"`), `activation` (an `hidden_act` name), `mlp_bias`;
+    MLP: `mlp` (`"gated"` or `"plain"`), `activation` (an `eqxlm.nn.ACTIVATIONS` name), `mlp_bias`;
     `moe` (a [`MoESpec`][]: mixture-of-experts layers) or None.
     Head: `tie_word_embeddings`, `lm_head_bias`, `final_logit_softcap`, `logit_scale`
     (multiplied: Cohere), `logit_divisor` (divided: Granite's `logits_scaling`, as
@@ -164,11 +163,7 @@ class DecoderSpec:
     def __post_init__(self):
         if len(self.layer_windows) != self.num_layers:
             raise ValueError(f"DecoderSpec: {len(self.layer_windows)} layer windows for {self.num_layers} layers.")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"hidden_act (the activation) {self.activation!r} is not supported by eqxlm "
-                f"(supported: {', '.join(ACTIVATIONS)})."
-            )
+        activation(self.activation)  # an unsupported name: `UnsupportedActivation`, named by the config's field
         if self.norms not in ("pre", "sandwich", "post"):
             raise ValueError(f"DecoderSpec: norms must be 'pre', 'sandwich' or 'post', got {self.norms!r}.")
         if self.num_heads % self.num_kv_heads:
@@ -239,7 +234,7 @@ def make_layer(spec: DecoderSpec, i: int, dtype, key: PRNGKeyArray) -> DecoderLa
             moe.top_k,
             normalize=moe.normalize,
             shared_intermediate_size=moe.shared_intermediate_size,
-            activation=ACTIVATIONS[spec.activation],
+            activation=activation(spec.activation),
             dtype=dtype,
             key=k_mlp,
         )
@@ -248,7 +243,7 @@ def make_layer(spec: DecoderSpec, i: int, dtype, key: PRNGKeyArray) -> DecoderLa
             spec.hidden_size,
             spec.intermediate_size,
             use_bias=spec.mlp_bias,
-            activation=ACTIVATIONS[spec.activation],
+            activation=activation(spec.activation),
             dtype=dtype,
             key=k_mlp,
         )
@@ -491,8 +486,3 @@ class DecoderLM(AbstractCausalLM):
 
     def partition_rules(self):
         return self.config.partition_rules()
-
-
-def sqrt_hidden(hidden_size: int) -> float:
-    """Gemma's embedding normaliser."""
-    return math.sqrt(hidden_size)

@@ -15,6 +15,7 @@ import typing
 from typing import Any, ClassVar, Literal, Union
 
 from ..nn import RopeScaling
+from ..nn._activations import UnsupportedActivation
 
 
 class ConfigError(ValueError):
@@ -146,6 +147,8 @@ class BaseConfig:
     hf_fields: ClassVar[dict[str, str]]
     #: Fields on top of COMMON_IGNORED that cannot change this family's numbers, with why.
     ignored_fields: ClassVar[dict[str, str]] = {}
+    #: The `config.json` field that names the MLP's activation (an unsupported one is refused by it).
+    activation_field: ClassVar[str] = "hidden_act"
 
     vocab_size: int
     tie_word_embeddings: bool = False
@@ -172,6 +175,8 @@ class BaseConfig:
             self.decoder_spec()
         except NotImplementedError:
             pass
+        except UnsupportedActivation as e:
+            raise ConfigError(f"{self.activation_field}: {e}") from None
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -241,7 +246,9 @@ class BaseConfig:
 
 def rope_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
     """Fold transformers 4's `rope_theta` + `rope_scaling` and transformers 5's
-    `rope_parameters` into `rope_theta` and a `RopeScaling` (or None)."""
+    `rope_parameters` into `rope_theta` and a `RopeScaling` (or None). A `llama3` or `longrope`
+    scaling without `original_max_position_embeddings` takes `max_position_embeddings`, as
+    transformers' `standardize_rope_params` does."""
     raw = dict(raw)
     params = raw.pop("rope_parameters", None) or {}
     scaling = raw.pop("rope_scaling", None) or {}
@@ -261,6 +268,9 @@ def rope_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
     else:
         if rope_type == "longrope":  # a missing factor is derived from max_position_embeddings, never 1
             merged.setdefault("factor", None)
+        if rope_type in ("llama3", "longrope") and "max_position_embeddings" in raw:
+            # transformers' `standardize_rope_params` (Phi-3 sets it from its top-level field first)
+            merged.setdefault("original_max_position_embeddings", raw["max_position_embeddings"])
         known = {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type"}
         unknown = sorted(set(merged) - known)
         if unknown:

@@ -59,6 +59,7 @@ class Gemma2Config(BaseConfig):
         "hidden_act": "not read by Gemma 2's modeling code (it reads `hidden_activation`); old files carry both",
         "cache_implementation": "a generation default of transformers (its hybrid cache), same numbers",
     }
+    activation_field: ClassVar[str] = "hidden_activation"
     hf_fields: ClassVar[dict[str, str]] = {
         name: name
         for name in (

@@ -44,6 +44,7 @@ class Gemma3TextConfig(BaseConfig):
             "stored but never applied: `Gemma3Attention.forward` passes no `softcap` to the attention function"
         ),
     }
+    activation_field: ClassVar[str] = "hidden_activation"
     hf_fields: ClassVar[dict[str, str]] = {
         name: name
         for name in (

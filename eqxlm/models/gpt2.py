@@ -27,6 +27,7 @@ class GPT2Config(BaseConfig):
         "`scale_attn_weights`, `scale_attn_by_inverse_layer_idx`, tied head"
     )
     refused: ClassVar[str] = "`reorder_and_upcast_attn`, `add_cross_attention`"
+    activation_field: ClassVar[str] = "activation_function"
     hf_fields: ClassVar[dict[str, str]] = {
         name: name
         for name in (
