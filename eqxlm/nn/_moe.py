@@ -10,7 +10,9 @@ of the stacked axis `experts.{e}` because the class says `stacked_field = "exper
 Routing (`MixtralTopKRouter`, `Qwen3MoeTopKRouter`, `OlmoeTopKRouter`, `Qwen2MoeTopKRouter`
 in transformers 5.23 all compute this): `softmax(logits in float32)`, top-k of the
 probabilities, optionally renormalised to sum to one (`normalize`: Mixtral always,
-the others when `norm_topk_prob`), then cast to the logits' dtype. Exact ties break toward
+the others when `norm_topk_prob`), then cast to the logits' dtype. (`MixtralTopKRouter`
+leaves the weights float32, so transformers' bfloat16 Mixtral scales each expert's output by
+unrounded weights where eqxlm's rounds them to bfloat16 first.) Exact ties break toward
 the lower expert index (`jax.lax.top_k`). `torch.topk`'s order among exactly equal values on
 CPU is implementation-defined (of four equal values it picks experts 2 and 3), so an exact
 tie (e.g. an all-zero router) is the one case where the selection can differ from

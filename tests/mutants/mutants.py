@@ -329,5 +329,27 @@ MUTANTS = [
          find="return attend(q, mask if m is None else m, bias if b is None else b)[0]",
          replace="return attend(q, mask if m is None else m[::-1], bias if b is None else b)[0]",
          tests=["tests/test_attention.py", "-k", "query_blocks"]),
+    # -- issue 32: MoE routing in bfloat16 -------------------------------------------------
+    dict(id="moe-router-softmax-in-bf16", file="eqxlm/nn/_moe.py",
+         find="probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)",
+         replace="probs = jax.nn.softmax(logits, axis=-1).astype(jnp.float32)",
+         tests=["tests/test_moe.py", "-k", "router_in_bfloat16"]),
+    dict(id="moe-router-top-k-before-softmax", file="eqxlm/nn/_moe.py",
+         find="    weights, index = jax.lax.top_k(probs, top_k)\n",
+         replace="    weights, index = jax.lax.top_k(logits.astype(jnp.float32), top_k)\n"
+                 "    weights = jax.nn.softmax(weights, axis=-1)\n",
+         tests=["tests/test_moe.py", "-k", "router_in_bfloat16"]),
+    dict(id="moe-router-renormalisation-dropped", file="eqxlm/nn/_moe.py",
+         find="    if normalize:\n        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)",
+         replace="    if normalize and top_k > weights.shape[-1]:\n"
+                 "        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)",
+         tests=["tests/test_moe.py", "-k", "router_in_bfloat16"]),
+    dict(id="moe-router-renormalised-in-bf16", file="eqxlm/nn/_moe.py",
+         find="    if normalize:\n        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)\n"
+              "    return weights.astype(logits.dtype), index.astype(jnp.int32)",
+         replace="    weights = weights.astype(logits.dtype)\n"
+                 "    if normalize:\n        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)\n"
+                 "    return weights, index.astype(jnp.int32)",
+         tests=["tests/test_moe.py", "-k", "router_in_bfloat16"]),
 ]
 # fmt: on
