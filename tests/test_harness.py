@@ -91,7 +91,7 @@ def samples(results, task):
     return sorted(results["samples"][task], key=lambda s: s["doc_id"])
 
 
-@pytest.mark.slow  # ~4 min with the two below on two CPU cores: lm-eval's task loading and torch dominate
+@pytest.mark.slow  # lm-eval's whole pipeline, both backends: task loading and torch dominate
 @pytest.mark.parametrize("name", ["default", "llama", "bloom"])
 def test_matches_the_hf_backend(checkpoints, name):
     folder = str(checkpoints[name])

@@ -21,8 +21,8 @@ from eqxlm.quantization import QuantizedLinear, quantized_layers
 
 
 def slow(test):
-    """73 s on 2 cores for these (eager forwards of the tiny models, a Mixtral generate): in
-    CI's second step."""
+    """Marks a test slow (eager forwards of the tiny models, a Mixtral generate), run in CI's
+    second step."""
     return pytest.mark.ci(pytest.mark.slow(test))
 
 
