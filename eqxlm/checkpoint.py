@@ -286,8 +286,9 @@ def _on_cpu() -> bool:
 
 
 #: float32 -> float16 on CPU is cast by XLA in pieces of at most this many elements, each a
-#: power of two (at most a dozen shapes, so a dozen small compiles): numpy's cast is scalar (0.7
-#: GB/s here against XLA's 1.7 GB/s) and, unlike XLA and torch, does not quiet a NaN's payload.
+#: power of two (at most a dozen shapes, so a dozen small compiles): numpy's cast is a scalar
+#: loop, slower than XLA's (benchmarks/NOTES.md, Loading), and, unlike XLA and torch, does not
+#: quiet a NaN's payload.
 _PIECE = 2**20
 
 

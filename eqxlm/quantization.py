@@ -34,10 +34,11 @@ first (`eqxlm.lora.merge`).
 in scanned layers (`eqxlm.scan_layers`), under `jax.vmap` and in `eqxlm.generate`. One token
 (decode) is a 2-D multiply-reduce over the int8 weight, which XLA:CPU compiles into one YNNPACK
 fusion that reads the int8 weight itself (no float copy of it), yet at well under the float32
-dot's speed: at the 0.5B shape batch-1 decode is 1.46x scanned float32 but 0.37x the default
-unrolled float32 model (benchmarks/NOTES.md, "Quantization"): int8 saves memory, not time. Under `jax.vmap` over more
-than `SMALL_BATCH` tokens in all (prefill), the layer dequantizes the weight once and does one
-matrix product, which is what a float layer costs plus the dequantization. The choice is made
+dot's speed: at the 0.5B shape batch-1 decode is faster than scanned float32 but slower than
+the default unrolled float32 model (figures in benchmarks/NOTES.md, "Quantization"): int8
+saves memory, not time. Under `jax.vmap` over more than `SMALL_BATCH` tokens in all
+(prefill), the layer dequantizes the weight once and does one matrix product, which is what a
+float layer costs plus the dequantization. The choice is made
 by a `jax.custom_batching.custom_vmap` rule, so quantized models are for inference: no
 reverse-mode differentiation through a `QuantizedLinear`. `eqxlm.nn.SparseMoE` reads its
 experts' weights as arrays (`.weight`), which a `QuantizedLinear` gives dequantized.
@@ -108,7 +109,8 @@ def _matvec(qweight, scales, x):
     """One token: `sum_g s[o, g] sum_{i in g} Q[o, i] x[i]`, a multiply-reduce over the int8
     weight in its `(out, in)` layout. The product is formed 2-D and reduced along `in` (one
     group) or reshaped to `(out, groups, group_size)` after the product (int4): a 3-D view of
-    the int8 weight before the product ran 20x slower inside a scanned layer (NOTES.md)."""
+    the int8 weight before the product misses XLA:CPU's YNNPACK rewrite inside a scanned layer
+    and runs in XLA's own, much slower loop (NOTES.md)."""
     out, n_in = qweight.shape
     groups = scales.shape[-1]
     dtype = jnp.promote_types(scales.dtype, jnp.float32)
@@ -121,7 +123,7 @@ def _matvec(qweight, scales, x):
 
 def _matmat(qweight, scales, x):
     """Rows `x` `(n, in)`: per-row fused reduces for a few rows, else dequantize once."""
-    if x.shape[0] <= SMALL_BATCH:  # one 2-D reduce per row (vmapped, the reduce is 3-D: 12x slower in a model)
+    if x.shape[0] <= SMALL_BATCH:  # one 2-D reduce per row (vmapped, the reduce is 3-D: the slow loop above)
         return jnp.stack([_matvec(qweight, scales, row) for row in x])
     dtype = jnp.promote_types(scales.dtype, jnp.float32)
     return x.astype(dtype) @ _dequantize(qweight, scales).astype(dtype).T

@@ -4,7 +4,10 @@ Tasks: tests/data/lm_eval/*.yaml (multiple choice with an empty-context question
 over texts longer than the context, greedy generation to a newline), run offline. Models: the
 embedded default model, and a tiny Llama and a tiny BLOOM made here by transformers (saved with
 the default model's tokenizer files). Per request: log-likelihoods within 1e-4 (float32), the
-same greedy flags, identical generated text; metrics identical.
+same greedy flags, identical generated text; metrics identical. Those run lm-eval's whole
+pipeline (`slow`); the quick checks below score requests directly: the context/continuation
+token boundary against the `hf` backend on the same model, `is_greedy` position by position
+against a hand-computed argmax.
 """
 
 import math
@@ -15,7 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
 import lm_eval  # in the `eval` and `test` extras
 import numpy as np
 import pytest
@@ -31,8 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TASK_DIR = ROOT / "tests" / "data" / "lm_eval"
 TASKS = ["eqxlm_mc", "eqxlm_ppl", "eqxlm_gen"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-pytestmark = pytest.mark.slow  # ~4 min in all on two CPU cores (lm-eval's task loading and torch dominate)
 
 
 @pytest.fixture(autouse=True)
@@ -88,6 +91,7 @@ def samples(results, task):
     return sorted(results["samples"][task], key=lambda s: s["doc_id"])
 
 
+@pytest.mark.slow  # lm-eval's whole pipeline, both backends: task loading and torch dominate
 @pytest.mark.parametrize("name", ["default", "llama", "bloom"])
 def test_matches_the_hf_backend(checkpoints, name):
     folder = str(checkpoints[name])
@@ -127,6 +131,7 @@ def test_matches_the_hf_backend(checkpoints, name):
         assert len(set(outputs)) > 5 and sum(bool(o.strip()) for o in outputs) > 5
 
 
+@pytest.mark.slow  # 1,000 requests
 def test_thousand_requests_compile_a_handful_of_times():
     """1,000 loglikelihood requests of 3 to ~500 tokens: one compile per length bucket."""
     lm = EqxlmLM(pretrained="eqxlm/default", dtype="float32", batch_size=8)
@@ -151,6 +156,7 @@ def test_thousand_requests_compile_a_handful_of_times():
     assert len(events) <= len(buckets) + 2, (len(events), sorted(buckets))  # + the first batch's host-side conversions
 
 
+@pytest.mark.slow  # three subprocesses
 def test_command_lines(checkpoints, tmp_path):
     """The README's two command lines: lm-eval's CLI through the launcher, and `eqxlm eval`."""
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
@@ -174,3 +180,116 @@ def test_command_lines(checkpoints, tmp_path):
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
     )  # fmt: skip
     assert bad.returncode == 2 and "unknown lm-eval task(s) ['no_such_task']" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# -- quick checks: the context/continuation boundary and is_greedy ----------------------------
+@pytest.fixture(scope="module")
+def default_lm():
+    return EqxlmLM(pretrained="eqxlm/default", dtype="float32", batch_size=4)
+
+
+WIDTH = 32  # every hand-computed forward right-padded to this: a causal model's earlier positions do not see the padding
+
+
+@eqx.filter_jit
+def _logits(model, ids):
+    return model(ids).logits
+
+
+def _forward(model, ids: list[int]) -> np.ndarray:
+    padded = np.zeros(WIDTH, np.int32)
+    padded[: len(ids)] = ids
+    return np.asarray(_logits(model, jnp.asarray(padded)), np.float64)[: len(ids)]
+
+
+def _by_hand(model, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+    """One request alone through a full forward: the continuation's summed log-probability and
+    whether each of its tokens is the argmax of the position before it."""
+    before = _forward(model, context + continuation)[len(context) - 1 : -1]  # the positions predicting it
+    top = before.max(-1, keepdims=True)
+    logp = before - top - np.log(np.sum(np.exp(before - top), -1, keepdims=True))
+    total = float(np.sum(logp[np.arange(len(continuation)), continuation]))
+    return total, bool(np.all(np.argmax(before, -1) == continuation))
+
+
+def _greedy(model, ids: list[int], n: int) -> list[int]:
+    """`ids` and `n` greedy tokens after them."""
+    ids = list(ids)
+    for _ in range(n):
+        ids.append(int(np.argmax(_forward(model, ids)[-1])))
+    return ids
+
+
+def test_is_greedy_position_by_position(default_lm):
+    """Token requests (`_loglikelihood_tokens`, batched 4 to a call with left padding) against a
+    hand-computed argmax of each alone: the model's greedy continuation is greedy; one token off
+    at the first, a middle or the last position is not; a context whose last token is not the
+    argmax does not count against a greedy continuation."""
+    model = default_lm.model
+    contexts = [default_lm.tok_encode(t) for t in ("import numpy as", "def add(a, b):\n    return", "for i in range(")]
+    requests = []
+    for context in contexts:
+        greedy = _greedy(model, context, 4)[len(context) :]
+        wrong = lambda t: (t + 1) % model.config.vocab_size  # noqa: E731
+        off_first = [wrong(greedy[0])] + _greedy(model, context + [wrong(greedy[0])], 3)[len(context) + 1 :]
+        requests += [
+            (context, greedy),
+            (context, greedy[:1]),  # one token
+            (context, off_first),  # only the first is not the argmax
+            (context, greedy[:2] + [wrong(greedy[2])]),  # only the last
+            (context, _greedy(model, context + greedy[:1] + [wrong(greedy[1])], 2)[len(context) :]),  # the second
+        ]
+    # a context that ends off the model's argmax, then the greedy continuation from there
+    context = contexts[0] + [(_greedy(model, contexts[0], 1)[-1] + 7) % model.config.vocab_size]
+    requests.append((context, _greedy(model, context, 3)[len(context) :]))
+    got = default_lm._loglikelihood_tokens([(None, c, x) for c, x in requests], disable_tqdm=True)
+    want = [_by_hand(model, c, x) for c, x in requests]
+    assert [g for _, g in want] == [True, True, False, False, False] * 3 + [True]  # the cases are what they say
+    for (c, x), (total, greedy), (want_total, want_greedy) in zip(requests, got, want, strict=True):
+        assert greedy == want_greedy, (c, x)
+        assert abs(total - want_total) <= 1e-4, (c, x, total, want_total)
+
+
+def test_context_continuation_boundary_matches_the_hf_backend(default_lm):
+    """String requests through `loglikelihood` (lm-eval's `_encode_pair`, then eqxlm's scoring)
+    and through lm-eval's `hf` backend on the same checkpoint: the same context and continuation
+    tokens, log-likelihoods within 1e-4, the same `is_greedy`. Boundaries: a continuation that
+    starts with a space; a context that ends mid-word; one that ends with a space (moved to the
+    continuation); pieces that the tokenizer merges across the boundary (the context's tokens are
+    not a prefix of the whole's); an empty context (the prefix token), before a space too; the
+    model's own greedy continuation and the same with its last token changed."""
+    from lm_eval.models.huggingface import HFLM
+
+    folder = eqxlm.default_model_path()
+    hf = HFLM(
+        pretrained=transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(folder),
+        device="cpu", batch_size=4, dtype="float32",
+    )  # fmt: skip
+    pairs = [
+        ("The quick brown fox jumps over the lazy", " dog"),
+        ("The quick bro", "wn fox"),
+        ("def add(a, b):\n    return a ", "+ b"),
+        ("hello wo", "rld"),
+        ("print(resu", "lt)"),
+        ("", "The cat sat"),
+        ("", " return x"),
+    ]
+    for context in ("import numpy as", "class Foo:\n    def __init__(self"):
+        ids = default_lm.tok_encode(context)
+        greedy = _greedy(default_lm.model, ids, 4)[len(ids) :]
+        pairs.append((context, default_lm.tok_decode(greedy)))
+        pairs.append((context, default_lm.tok_decode(greedy[:-1] + [(greedy[-1] + 1) % 2048])))
+    encode = default_lm.tok_encode
+    merged = [(c, x) for c, x in pairs if c and encode(c + x)[: len(encode(c))] != encode(c)]
+    assert len(merged) >= 2, merged  # the tokenizer does merge across some of these boundaries
+    for context, continuation in pairs:
+        if context:
+            assert default_lm._encode_pair(context, continuation) == hf._encode_pair(context, continuation)
+    requests = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+    want = hf.loglikelihood(requests, disable_tqdm=True)
+    got = default_lm.loglikelihood(requests, disable_tqdm=True)
+    for pair, (total, greedy), (want_total, want_greedy) in zip(pairs, got, want, strict=True):
+        assert greedy == want_greedy, pair
+        assert abs(total - want_total) <= 1e-4, (pair, total, want_total)
+    assert {g for _, g in want} == {True, False}

@@ -1,5 +1,6 @@
 """Weight-only quantization (`eqxlm.quantize`): the layer against its definition, tiny
 Llama and Mixtral models against their float selves, scanned layers, save/load, refusals.
+Quick (default suite): the rounding and the int4 groups against a numpy reference, exactly.
 
 Bound on the models: the quantized model's logits stay within `bound * max|float logits|`
 of the float model's, with bound 0.02 for int8 and 0.15 for int4 (group 8); measured on these
@@ -18,8 +19,12 @@ from hf import TINY
 import eqxlm
 from eqxlm.quantization import QuantizedLinear, quantized_layers
 
-# 73 s on 2 cores (eager forwards of the tiny models, a Mixtral generate): in CI's second step
-pytestmark = [pytest.mark.slow, pytest.mark.ci]
+
+def slow(test):
+    """Marks a test slow (eager forwards of the tiny models, a Mixtral generate), run in CI's
+    second step."""
+    return pytest.mark.ci(pytest.mark.slow(test))
+
 
 BOUND = {8: 0.02, 4: 0.15}
 GROUP = {8: None, 4: 8}
@@ -32,6 +37,7 @@ def _dequantize_numpy(layer: QuantizedLinear) -> np.ndarray:
     return q * np.repeat(s, layer.group_size, axis=1)
 
 
+@slow
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_linear_matches_definition(bits, use_bias):
@@ -69,6 +75,7 @@ def models():
 IDS = np.arange(3, 15, dtype=np.int32)
 
 
+@slow
 @pytest.mark.parametrize("kind, bits", [("llama", 8), ("mixtral", 4), ("mixtral", 8)])
 def test_model_within_bound(models, kind, bits):
     model = models[kind]
@@ -85,6 +92,7 @@ def test_model_within_bound(models, kind, bits):
     np.testing.assert_allclose(scanned(IDS).logits, got, atol=1e-5)
 
 
+@slow
 @pytest.mark.parametrize("kind, bits", [("llama", 8), ("mixtral", 4)])
 def test_generate(models, kind, bits):
     """`eqxlm.generate` (a jax.vmap over the batch, scanned layers): each greedy token is the
@@ -98,6 +106,7 @@ def test_generate(models, kind, bits):
         np.testing.assert_array_equal(np.argmax(logits[len(IDS) - 1 :], axis=-1), row[len(IDS) :])
 
 
+@slow
 def test_save_load_roundtrip_bitwise(models, tmp_path):
     """int4 (packed in the file) of scanned Mixtral layers and experts; int8 in test_refusals."""
     bits = 4
@@ -112,6 +121,7 @@ def test_save_load_roundtrip_bitwise(models, tmp_path):
     assert jnp.array_equal(eqxlm.scan_layers(unrolled)(IDS).logits, qmodel(IDS).logits)
 
 
+@slow
 def test_refusals(models, tmp_path):
     model = models["llama"]
     with pytest.raises(ValueError, match="bits must be 8 or 4, got 3"):
@@ -141,3 +151,88 @@ def test_refusals(models, tmp_path):
     (tmp_path / "a" / "quantization.json").write_text(json.dumps({**meta, "bits": 5}))
     with pytest.raises(eqxlm.CheckpointError, match="quantization.json: bits must be 8 or 4, got 5"):
         eqxlm.load_quantized(tmp_path / "a")
+
+
+# -- quick: rounding and int4 groups, exactly ------------------------------------------------
+def _reference(w: np.ndarray, bits: int, group: int, scales: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric absmax in numpy, float32 op for op as the definition reads: per group
+    `s = max|W| / qmax` (1 for an all-zero group), `Q = clip(round(W / s), -qmax, qmax)`,
+    rounding to nearest with ties to even (`np.round`); `Q` from the given `scales` if any."""
+    qmax = np.float32(2 ** (bits - 1) - 1)
+    out, n_in = w.shape
+    grouped = w.astype(np.float32).reshape(out, n_in // group, group)
+    absmax = np.abs(grouped).max(-1)
+    if scales is None:
+        scales = np.where(absmax > 0, absmax / qmax, np.float32(1)).astype(np.float32)
+    q = np.clip(np.round(grouped / scales[..., None]), -qmax, qmax)
+    return q.astype(np.int8).reshape(out, n_in), scales
+
+
+# Half-way values (exact in float32 with the power-of-two scales below), each group led by its
+# absmax: ties go to the even neighbour, so the rounding mode shows. int4 groups of 8; int8's
+# one group of 64 holds them all.
+HALVES4 = [7, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 6.5, -7, 3.5, -3.5, 4.5, -4.5, 5.5, -5.5, -6.5]
+EVEN4 = [7, 0, 2, 2, 0, -2, -2, 6, -7, 4, -4, 4, -4, 6, -6, -6]
+HALVES8 = [127, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5, 3.5, -3.5, 63.5, -64.5, 100.5, -101.5]
+EVEN8 = [127, 0, 2, 2, 0, -2, -2, 126, -126, 4, -4, 64, -64, 100, -102]
+
+
+def _quick_weight(bits: int) -> np.ndarray:
+    """`(6, 64)`: half-way values (int4: each group of 8 at its own power-of-two scale, so
+    contiguous groups and any other grouping get different scales), random rows whose groups
+    differ in magnitude by up to 2 ** 7, a row whose largest magnitude is negative, zeros."""
+    rng = np.random.default_rng(3)
+    w = np.zeros((6, 64), np.float32)
+    if bits == 4:
+        w[0] = np.tile(HALVES4, 4) * np.repeat(2.0 ** -np.arange(8), 8)
+    else:
+        w[0, : len(HALVES8)] = np.asarray(HALVES8) * 2.0**-3
+    w[1:4] = rng.standard_normal((3, 64)) * np.repeat(2.0 ** rng.integers(-3, 5, (3, 8)), 8, axis=1)
+    w[4] = rng.uniform(-1, 1, 64)
+    w[4, 37] = -3.0
+    return w  # row 5: zeros
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rounding_and_groups_match_numpy_exactly(bits):
+    group = 64 if bits == 8 else 8  # int4: 8 groups of 8, so rows x groups is square: a transposed grouping keeps shapes
+    w = _quick_weight(bits)
+    linear = eqx.tree_at(lambda m: m.weight, eqx.nn.Linear(64, 6, use_bias=False, key=jax.random.key(0)), jnp.asarray(w))
+    layer = QuantizedLinear.from_linear(linear, bits, None if bits == 8 else group)
+    q, scales = np.asarray(layer.qweight), np.asarray(layer.scales)
+    # XLA turns the division by the constant qmax into a product with its float32 reciprocal,
+    # which can be one float32 ulp off the quotient (measured: 55% of values for qmax 7): the
+    # scales are checked to that ulp, and the rounding exactly on the layer's own scales
+    np.testing.assert_allclose(scales, _reference(w, bits, group)[1], rtol=2.0**-23, atol=0)
+    want_q, want_scales = _reference(w, bits, group, scales)
+    np.testing.assert_array_equal(q, want_q)
+    halves, even = (HALVES4 * 4, EVEN4 * 4) if bits == 4 else (HALVES8, EVEN8)
+    np.testing.assert_array_equal(q[0, : len(even)], even)  # ties to even, by hand
+    qmax = 2 ** (bits - 1) - 1
+    # every group's largest magnitude lands on +-qmax, with its sign; nothing beyond
+    at = np.abs(w.reshape(6, -1, group)).argmax(-1)[..., None]
+    largest = np.take_along_axis(w.reshape(6, -1, group), at, -1)[:5]
+    np.testing.assert_array_equal(np.take_along_axis(q.reshape(6, -1, group), at, -1)[:5], np.sign(largest) * qmax)
+    assert q[4, 37] == -qmax and np.abs(q).max() == qmax and not q[5].any() and np.all(scales[5] == 1)
+    # the layer computes with these: dequantized weight exactly, and each path of the product
+    dequantized = want_q.astype(np.float32) * np.repeat(want_scales, group, axis=1)
+    np.testing.assert_array_equal(np.asarray(layer.dequantize()), dequantized)
+    x = np.random.default_rng(4).standard_normal((8, 64)).astype(np.float32)
+    want = x.astype(np.float64) @ dequantized.T.astype(np.float64)
+    tol = dict(rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(layer(jnp.asarray(x[0])), want[0], **tol)  # one token: the fused reduce
+    np.testing.assert_allclose(jax.vmap(layer)(jnp.asarray(x[:3])), want[:3], **tol)  # up to SMALL_BATCH rows: per row
+    np.testing.assert_allclose(jax.vmap(layer)(jnp.asarray(x)), want, **tol)  # more: dequantize once
+
+
+def test_int4_group_size_must_divide_in_features():
+    """Groups are whole: a group size that does not divide `in_features` is refused, naming the
+    layer, not quantized with a short last group."""
+    linear = eqx.nn.Linear(60, 6, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="in_features 60 is not a multiple of group_size 8"):
+        QuantizedLinear.from_linear(linear, 4, 8)
+    mlp = eqx.nn.MLP(64, 6, 60, 1, key=jax.random.key(0))  # layers: 64 -> 60 -> 6
+    with pytest.raises(ValueError, match=r"group_size 8 does not divide in_features of layers\.1"):
+        eqxlm.quantize(mlp, bits=4, group_size=8)
+    quantized = eqxlm.quantize(mlp, bits=4, group_size=4)  # 4 divides both
+    assert [q.scales.shape for q in quantized_layers(quantized).values()] == [(60, 16), (6, 15)]

@@ -126,8 +126,9 @@ def _attend_visible(query, key, value, mask, bias, visible, *, scale, softcap):
         bi = None if bias is None else bias[:, :, lo:hi] if bias.shape[1] == 1 else bias[:, a:b, lo:hi]
         q = query[a:b]
         if outs:  # Chain the blocks (adds zero; NaN-safe) so XLA runs them one after the other and one
-            # block's scores are alive at a time: independent blocks were live together (8,192
-            # tokens: 3.0 GiB of temporaries against 0.99 chained); XLA:CPU drops optimization_barrier.
+            # block's scores are alive at a time: independent blocks were live together, several
+            # score blocks of temporaries at once (NOTES.md, Long context); XLA:CPU drops
+            # optimization_barrier.
             q = q + jnp.nan_to_num(outs[-1][-1, -1, -1]) * jnp.zeros((), q.dtype)
         outs.append(_attend(q, m, bi, key=key[lo:hi], value=value[lo:hi], scale=scale, softcap=softcap)[0])
     return jnp.concatenate(outs)
@@ -145,7 +146,7 @@ def _attend(query, mask, bias, *, key, value, scale, softcap):
     else:
         # Heads first, (kv_heads, groups * seq, head_dim) against (kv_heads, kv_seq, head_dim):
         # the scores come out in their (heads, seq, kv_seq) order, with no score-sized transpose
-        # (the einsum made one: 2.9x slower for 1024 queries x 5120 keys, 1.7x for 512 x 512)
+        # (the einsum made one, and was slower for it: NOTES.md, Long context)
         q = q.transpose(1, 2, 0, 3).reshape(kv_heads, groups * seq, head_dim)
         k = key.astype(dtype).transpose(1, 0, 2)
         scores = jax.lax.dot_general(q, k, (((2,), (2,)), BATCHED), preferred_element_type=acc).astype(dtype)

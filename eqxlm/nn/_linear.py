@@ -8,11 +8,11 @@ checkpoint tensors load without a transpose.
 and rounds once, after adding the bias in float32 (`F.linear` on CPU: bitwise equal to
 [`project`][] here, `tests/test_bf16_parity.py`). A plain `w @ x` in bfloat16 asks XLA
 for a bfloat16 result and leaves the accumulation to the backend: on XLA:CPU that was
-2.3x slower for a 512-token prefill and rounded differently (`benchmarks/NOTES.md`,
-bfloat16 on XLA:CPU). [`matmul`][] and [`einsum`][] therefore request float32
-accumulation (`preferred_element_type`) and round the result once to the inputs' dtype;
-for float32 inputs they are `jnp.matmul` and `jnp.einsum` unchanged. Projections choose the
-product's form by the number of tokens ([`times_weight`][]).
+slower for a prefill and rounded differently (`benchmarks/NOTES.md`, bfloat16 on XLA:CPU).
+[`matmul`][] and [`einsum`][] therefore request float32 accumulation
+(`preferred_element_type`) and round the result once to the inputs' dtype; for float32
+inputs they are `jnp.matmul` and `jnp.einsum` unchanged. Projections choose the product's
+form by the number of tokens ([`times_weight`][]).
 """
 
 import math
@@ -53,11 +53,11 @@ def times_weight(x: Array, weight: Array) -> Array:
     accumulated in float32 (not rounded: [`affine`][] adds the bias first).
 
     Several tokens (per example: under `jax.vmap` the batch is invisible here) are a
-    `dot_general` contracting both operands' last axes: for 512 bfloat16 tokens of the 1024 x
-    3584 projection of `benchmarks/bench.py`'s Mistral shape, 4.3 ms against 21 ms as `x @ W.T`
-    (which copies the transposed weight), 4.6x faster than float32. One token is weight-first,
-    `W @ x`: in a vmapped decode step that gave the best whole-model decode at batch 1 and 8 of
-    the forms tried (NOTES.md, bfloat16 on XLA:CPU). Every form is the same sum: they differ by
+    `dot_general` contracting both operands' last axes, which reads the weight as stored
+    (`x @ W.T` copies the transposed weight first): for a bfloat16 sequence the fastest form
+    measured, and faster than float32 (NOTES.md, the `matmul_forms.py` table). One token is
+    weight-first, `W @ x`: in a vmapped decode step that gave the best whole-model decode at
+    batch 1 and 8 of the forms tried (NOTES.md, bfloat16 on XLA:CPU). Every form is the same sum: they differ by
     float32 rounding at most."""
     dtype = jnp.result_type(x, weight)
     acc = accumulator(dtype)

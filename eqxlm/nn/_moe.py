@@ -10,7 +10,9 @@ of the stacked axis `experts.{e}` because the class says `stacked_field = "exper
 Routing (`MixtralTopKRouter`, `Qwen3MoeTopKRouter`, `OlmoeTopKRouter`, `Qwen2MoeTopKRouter`
 in transformers 5.23 all compute this): `softmax(logits in float32)`, top-k of the
 probabilities, optionally renormalised to sum to one (`normalize`: Mixtral always,
-the others when `norm_topk_prob`), then cast to the logits' dtype. Exact ties break toward
+the others when `norm_topk_prob`), then cast to the logits' dtype. (`MixtralTopKRouter`
+leaves the weights float32, so transformers' bfloat16 Mixtral scales each expert's output by
+unrounded weights where eqxlm's rounds them to bfloat16 first.) Exact ties break toward
 the lower expert index (`jax.lax.top_k`). `torch.topk`'s order among exactly equal values on
 CPU is implementation-defined (of four equal values it picks experts 2 and 3), so an exact
 tie (e.g. an all-zero router) is the one case where the selection can differ from
@@ -69,8 +71,8 @@ def route(logits: Float[Array, "seq experts"], top_k: int, normalize: bool) -> t
 
 def _expert_mlp(x, gate_w, up_w, down_w, activation):
     """One gated MLP on rows `x` with weights in `(out, in)` layout (a block of the grouped
-    path: input-first, `x @ w.T`, 134 vs 238 ms for the 0.5B shape's 512-token prefill layer
-    written weight-first)."""
+    path: input-first, `x @ w.T`, which XLA:CPU ran faster than the weight-first form for a
+    prefill layer; benchmarks/NOTES.md, "Mixture of experts")."""
     return matmul(activation(matmul(x, gate_w.T)) * matmul(x, up_w.T), down_w.T)
 
 
@@ -106,8 +108,8 @@ def choose_path(dispatch: str, tokens: int, top_k: int, num_experts: int) -> str
     """`dispatch` unless `"auto"`: then `"gather"` for up to `2 * num_experts` (token, expert)
     pairs, `"grouped"` beyond. Gather reads one expert's weights per pair; the grouped scan
     reads one per block, and there are up to `num_experts` more blocks than whole blocks of
-    pairs. Measured crossover at the 0.5B Mixtral shape (8 experts, top 2, CPU): gather is 2x
-    faster at 16 pairs, even at 32, 1.3x slower at 64 (benchmarks/NOTES.md)."""
+    pairs. The threshold is where the two paths crossed over at the 0.5B Mixtral shape on CPU
+    (benchmarks/NOTES.md, "Mixture of experts")."""
     if dispatch != "auto":
         return dispatch
     return "gather" if tokens * top_k <= 2 * num_experts else "grouped"
@@ -116,8 +118,8 @@ def choose_path(dispatch: str, tokens: int, top_k: int, num_experts: int) -> str
 def _gather(x, index, gate_w, up_w, down_w, activation, block_size):
     # One (token, slot) pair per scan step; `lax.switch` picks the expert's branch, so only
     # that expert's weights are read. Gathering the selected weights instead
-    # (`gate_w[index]`) ran 60x slower per layer on CPU (a copy, then a batched dot that
-    # XLA transposed); a dynamic index inside the scan, 3.5x.
+    # (`gate_w[index]`) copies them and runs a batched dot that XLA transposes, and a dynamic
+    # index inside the scan copies the expert's slab: both ran slower on CPU (NOTES.md).
     seq, k = index.shape
     branches = [functools.partial(_one_expert, e, activation) for e in range(gate_w.shape[0])]
 
@@ -132,7 +134,7 @@ def _gather(x, index, gate_w, up_w, down_w, activation, block_size):
 def _one_expert(e, activation, x, gate_w, up_w, down_w):
     """Expert `e` of the stack on rows `x` (a `lax.switch` branch of the gather and grouped
     paths). Input-first, as `_expert_mlp`: for one row on XLA:CPU this beat the weight-first
-    form (45 vs 58 ms a decode step of the 0.5B Mixtral)."""
+    forms in a whole decode step (benchmarks/NOTES.md, "Mixture of experts")."""
     return _expert_mlp(x, gate_w[e], up_w[e], down_w[e], activation)
 
 
@@ -147,7 +149,7 @@ def _gather_indexed(x, index, gate_w, up_w, down_w, activation, block_size):
 
 def _dense(x, index, gate_w, up_w, down_w, activation, block_size):
     # every expert on every token, weight-first (`w @ x.T`): vmapped input-first, XLA:CPU
-    # copied every expert's weights into the transposed layout (91 vs 23 ms a layer for 8 tokens)
+    # copied every expert's weights into the transposed layout first (NOTES.md)
     def expert(g, u, d):
         xt = x.T
         return matmul(d, activation(matmul(g, xt)) * matmul(u, xt)).T
