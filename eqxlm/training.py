@@ -129,7 +129,6 @@ def unremat_layers(model):
     return jax.tree.map(lambda x: x.layer if is_remat(x) else x, model, is_leaf=is_remat)
 
 
-@eqx.filter_jit(donate="all-except-first")
 def train_step(
     model,
     opt_state,
@@ -143,11 +142,24 @@ def train_step(
 ):
     """One optimiser step on a batch. **Returns:** `(model, opt_state, loss)`.
 
+    `opt_state` is donated (its buffers are reused for the returned one, so do not use it
+    again); the model and the batch are not: the batch may be fed again, and a model's frozen
+    weights may be shared with another (the base model of `eqxlm.lora.add_adapters`).
+
     With a `mesh` (a model placed by `eqxlm.shard`), the updated parameters are pinned to
     the layout of `rules` (default: the model's `partition_rules()`) so every step keeps it.
     With `trainable` (a filter for `eqx.partition`, e.g. `eqxlm.lora.trainable(model)`), only
     those leaves get gradients and updates; `opt_state` is then
     `optimizer.init(eqx.filter(model, trainable))`."""
+    kept = (model, input_ids, loss_mask, optimizer, mesh, rules, trainable)
+    return _train_step(kept, opt_state)
+
+
+# filter_jit donates either every argument or all but the first: what must survive the step
+# travels in the first.
+@eqx.filter_jit(donate="all-except-first")
+def _train_step(kept, opt_state):
+    model, input_ids, loss_mask, optimizer, mesh, rules, trainable = kept
     if trainable is None:
         loss, grads = eqx.filter_value_and_grad(batch_loss)(model, input_ids, loss_mask)
         params = eqx.filter(model, eqx.is_array)

@@ -85,3 +85,26 @@ def test_train_step_and_batches_compose_by_hand():
     for _ in range(3):
         model, opt_state, loss = train_step(model, opt_state, jnp.asarray(next(batches)), optimizer=optimizer)
     assert np.isfinite(float(loss)) and first.shape == (2, 8)
+
+
+def test_train_step_keeps_the_batch_and_the_base_model():
+    """Only the optimiser state is donated: a batch fed twice and the base model under LoRA
+    adapters (sharing its frozen weights) stay usable."""
+    from eqxlm import lora
+
+    base = _tiny()
+    config = lora.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    adapted = lora.add_adapters(base, config, key=jax.random.key(0))
+    trainable = lora.trainable(adapted)
+    optimizer = make_optimizer(3e-3, total_steps=4, warmup_steps=0)
+    with jax.numpy_dtype_promotion("standard"):
+        opt_state = optimizer.init(eqx.filter(adapted, trainable))
+    batch = jnp.asarray(np.tile(np.arange(1, 33) % 48, (4, 1)), jnp.int32)
+    mask = jnp.ones(batch.shape, bool)
+    losses = []
+    for _ in range(2):
+        adapted, opt_state, loss = train_step(adapted, opt_state, batch, mask, optimizer=optimizer, trainable=trainable)
+        losses.append(float(loss))
+    assert not batch.is_deleted() and not mask.is_deleted()
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(eqx.filter(base, eqx.is_array)))
+    assert losses[1] < losses[0]  # the second step saw the first one's update

@@ -329,5 +329,10 @@ MUTANTS = [
          find="return attend(q, mask if m is None else m, bias if b is None else b)[0]",
          replace="return attend(q, mask if m is None else m[::-1], bias if b is None else b)[0]",
          tests=["tests/test_attention.py", "-k", "query_blocks"]),
+    # -- issue 32: training --------------------------------------------------------------------
+    dict(id="train-step-donates-the-batch", file="eqxlm/training.py",
+         find='@eqx.filter_jit(donate="all-except-first")',
+         replace='@eqx.filter_jit(donate="all")',
+         tests=["tests/test_training.py", "-k", "keeps_the_batch"]),
 ]
 # fmt: on
