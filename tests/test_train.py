@@ -170,6 +170,21 @@ def test_resume_with_changed_options(files, api_run, no_compute):
     _refused(changed, TrainError, r"(?s)changed options.*learning_rate: saved 0.003, now 0.01", out)
 
 
+def test_changed_options_are_listed_one_per_line_by_the_command(files, api_run, no_compute, capsys):
+    from eqxlm.cli import main
+
+    out, _ = api_run
+    args = ["train", "--model", str(files["model"]), "--data", str(files["data"]), "--output-dir", str(out), "--seq-len", "32",
+            "--batch-size", "4", "--steps", "4", "--eval-every", "2", "--learning-rate", "1e-2", "--resume",
+            "--no-progress"]  # fmt: skip
+    assert main(args) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"eqxlm: error: cannot resume {out} with changed options (nothing was changed):",
+        "  learning_rate: saved 0.003, now 0.01",
+        "  steps: saved 3, now 4",
+    ]
+
+
 def test_checkpoint_folder_from_a_different_model(files, api_run, tmp_path, no_compute):
     out, _ = api_run
     other = tiny_llama(tmp_path / "model", hidden=48)  # same path in the saved config, different weights' shapes
