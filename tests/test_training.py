@@ -108,3 +108,23 @@ def test_train_step_keeps_the_batch_and_the_base_model():
     assert not batch.is_deleted() and not mask.is_deleted()
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(eqx.filter(base, eqx.is_array)))
     assert losses[1] < losses[0]  # the second step saw the first one's update
+
+
+def test_weight_decay_reaches_matrices_only():
+    """With zero gradients Adam's step is zero and only the decoupled decay moves a weight:
+    `w * (1 - lr * decay)` for projections, embeddings and the head; norms and biases stay."""
+    config = eqxlm.Qwen2Config(vocab_size=48, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)  # fmt: skip
+    model = eqxlm.DecoderLM(config, key=jax.random.key(0))
+    lr, decay = 1e-2, 0.5
+    optimizer = make_optimizer(lr, total_steps=10, warmup_steps=0, weight_decay=decay)  # step 0 at the peak rate
+    params = eqx.filter(model, eqx.is_array)
+    with jax.numpy_dtype_promotion("standard"):
+        updates, _ = jax.jit(optimizer.update)(jax.tree.map(jnp.zeros_like, params), optimizer.init(params), params)
+    before, after = eqxlm.state_dict(model), eqxlm.state_dict(eqx.apply_updates(model, updates))
+    kept = {name for name in before if name.endswith(".bias") or "norm" in name}
+    assert any(n.endswith("q_proj.bias") for n in kept) and any(n.endswith("layernorm.weight") for n in kept)
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= before.keys() - kept
+    for name, value in before.items():
+        want = np.asarray(value) if name in kept else np.asarray(value) * np.float32(1 - lr * decay)
+        np.testing.assert_allclose(np.asarray(after[name]), want, rtol=1e-6, err_msg=name)

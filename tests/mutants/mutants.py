@@ -350,5 +350,13 @@ MUTANTS = [
          find="return _fail(str(e))  #",
          replace="return _fail(str(e).replace(chr(10), ' '))  #",
          tests=["tests/test_train.py", "-k", "changed_options_are_listed"]),
+    dict(id="adamw-decays-vectors-too", file="eqxlm/training.py",
+         find="p is not None and p.ndim >= 2",
+         replace="p is not None and p.ndim >= 1",
+         tests=["tests/test_training.py", "-k", "weight_decay"]),
+    dict(id="adamw-decays-nothing", file="eqxlm/training.py",
+         find="p is not None and p.ndim >= 2",
+         replace="p is not None and p.ndim >= 3",
+         tests=["tests/test_training.py", "-k", "weight_decay"]),
 ]
 # fmt: on
