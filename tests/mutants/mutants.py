@@ -358,5 +358,13 @@ MUTANTS = [
          find="p is not None and p.ndim >= 2",
          replace="p is not None and p.ndim >= 3",
          tests=["tests/test_training.py", "-k", "weight_decay"]),
+    dict(id="grad-accum-gradient-scaled-by-micro-batches", file="eqxlm/train/_loop.py",
+         find="grads = jax.tree.map(lambda g: g / count, grads)",
+         replace="grads = jax.tree.map(lambda g: g / count * batch.shape[0], grads)",
+         tests=["tests/test_train_options.py", "-k", "accumulation"]),
+    dict(id="grad-accum-keeps-the-last-micro-batch", file="eqxlm/train/_loop.py",
+         find="return (jax.tree.map(jnp.add, grads, g), total + t, count + c), None",
+         replace="return (jax.tree.map(lambda a, b: b, grads, g), total + t, count + c), None",
+         tests=["tests/test_train_options.py", "-k", "accumulation"]),
 ]
 # fmt: on
