@@ -168,14 +168,14 @@ def cmd_info(args) -> int:
 
 def cmd_train(args) -> int:
     try:
-        from .train import TrainConfig, train
+        from .train import TrainConfig, run_training
     except ImportError as e:
         return _fail(f"`eqxlm train` needs the train extra (pip install 'eqxlm[train]'): {e}.")
     import dataclasses
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     try:
-        run = train(TrainConfig(**values))
+        run = run_training(TrainConfig(**values))
     except ImportError as e:
         return _fail(str(e))
     if run.export_dir is not None:

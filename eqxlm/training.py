@@ -1,7 +1,9 @@
-"""Small, readable training utilities: loss, optimiser, a jitted step, batches, evaluation.
+"""Small, readable training utilities: loss, optimiser, a jitted step, batches, evaluation,
+and `fit`, a loop over random windows of one in-memory token array.
 
 Everything here works on any eqxlm causal LM and is what `scripts/train_default_model.py`
-and the notebooks use:
+and the notebooks use (`eqxlm train` / `eqxlm.train.run_training` is the resumable,
+multi-process run built on them):
 
     optimizer = make_optimizer(learning_rate=1e-3, total_steps=1000)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
@@ -207,7 +209,7 @@ def evaluate(model, tokens: np.ndarray, *, seq_len: int, batch_size: int = 16) -
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(count)}
 
 
-def train(
+def fit(
     model,
     tokens: np.ndarray,
     *,

@@ -20,7 +20,7 @@ from _train_fixtures import corpus, metrics, run_train, snapshot, tiny_llama
 from conftest import LOGITS_ATOL
 
 import eqxlm
-from eqxlm.train import DataError, TrainConfig, TrainError, train
+from eqxlm.train import DataError, TrainConfig, TrainError, run_training
 from eqxlm.train import _loop as loop
 
 ARGS = ["--seq-len", "32", "--batch-size", "4", "--learning-rate", "3e-3", "--eval-every", "5", "--no-progress", "--no-plot"]
@@ -47,7 +47,7 @@ def _config(files, out, **kw):
 @pytest.fixture(scope="module")
 def api_run(files):
     out = files["root"] / "api"
-    run = train(_config(files, out, steps=3, eval_every=2, plot=True))
+    run = run_training(_config(files, out, steps=3, eval_every=2, plot=True))
     return out, run
 
 
@@ -85,7 +85,7 @@ def test_trainable_filter_freezes_the_rest(files, tmp_path):
         return eqx.tree_at(lambda m: m.lm_head.weight, spec, replace=True)
 
     start = eqxlm.from_pretrained(files["model"])
-    run = train(_config(files, tmp_path / "head", steps=2, eval_fraction=0.0), trainable=only_head(start))
+    run = run_training(_config(files, tmp_path / "head", steps=2, eval_fraction=0.0), trainable=only_head(start))
     done = eqxlm.from_pretrained(run.export_dir)
     for name, value in eqxlm.state_dict(done).items():
         same = np.array_equal(np.asarray(value), np.asarray(eqxlm.state_dict(start)[name]))
@@ -104,7 +104,7 @@ def no_compute(monkeypatch):
 def _refused(config, error, match, folder=None):
     before = snapshot(folder) if folder is not None and folder.exists() else None
     with pytest.raises(error, match=match):
-        train(config)
+        run_training(config)
     if before is not None:
         assert snapshot(folder) == before
 

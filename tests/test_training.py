@@ -13,10 +13,10 @@ from eqxlm.training import (
 )
 from eqxlm.training import (
     evaluate,
+    fit,
     make_optimizer,
     random_batches,
     remat_layers,
-    train,
     train_step,
     unremat_layers,
 )
@@ -53,7 +53,7 @@ def test_loss_mask_leaves_targets_out():
 
 def test_train_steps_reduce_the_loss_on_a_repeated_text():
     tokens = np.tile(np.arange(40, dtype=np.int32) % 48, 50)
-    model, history = train(_tiny(), tokens, steps=60, batch_size=8, seq_len=32, learning_rate=3e-3, progress=False, log_every=10)
+    model, history = fit(_tiny(), tokens, steps=60, batch_size=8, seq_len=32, learning_rate=3e-3, progress=False, log_every=10)
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
     assert evaluate(model, tokens[:400], seq_len=32)["loss"] < history[0]["loss"]
 
@@ -70,7 +70,7 @@ def test_remat_gives_the_same_loss_and_gradients():
 
 def test_same_seed_same_run():
     tokens = np.random.default_rng(3).integers(0, 48, size=3000).astype(np.int32)
-    runs = [train(_tiny(), tokens, steps=12, batch_size=4, seq_len=16, progress=False, log_every=4)[1] for _ in range(2)]
+    runs = [fit(_tiny(), tokens, steps=12, batch_size=4, seq_len=16, progress=False, log_every=4)[1] for _ in range(2)]
     assert [h["loss"] for h in runs[0]] == [h["loss"] for h in runs[1]]
 
 

@@ -16,7 +16,7 @@ def _opt(default, help: str, **kw):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Options of `eqxlm.train.train`. Only `data` and `output_dir` are required."""
+    """Options of `eqxlm.train.run_training`. Only `data` and `output_dir` are required."""
 
     data: tuple[str, ...] = _opt(
         (),
