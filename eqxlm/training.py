@@ -229,14 +229,16 @@ def fit(
     with jax.numpy_dtype_promotion("standard"):
         opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
     history = []
-    bar = tqdm(range(steps), disable=not progress, desc="train", unit="step")
+    bar = tqdm(total=steps, disable=not progress, desc="train", unit="step")
     batches = random_batches(tokens, batch_size=batch_size, seq_len=seq_len, seed=seed)
     start = time.perf_counter()
-    for step in bar:
+    for step in range(steps):
         model, opt_state, loss = train_step(model, opt_state, jnp.asarray(next(batches)), optimizer=optimizer)
+        bar.update()  # before the loss is shown, so the bar's count is the step that loss is of
         if (step + 1) % log_every == 0 or step + 1 == steps:
             loss = float(loss)
             rate = (step + 1) * batch_size * seq_len / (time.perf_counter() - start)
             history.append({"step": step + 1, "loss": loss, "tokens_per_s": rate})
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
+    bar.close()
     return (unremat_layers(model) if remat else model), history

@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint  # noqa: E402,F401  (in the test extra: a missing install fails, never skips)
 import pytest
 import torch
-from _train_fixtures import corpus, metrics, run_train, snapshot, tiny_llama
+from _train_fixtures import RecordingBar, corpus, metrics, run_train, snapshot, tiny_llama
 from conftest import LOGITS_ATOL
 
 import eqxlm
@@ -90,6 +90,12 @@ def test_trainable_filter_freezes_the_rest(files, tmp_path):
     for name, value in eqxlm.state_dict(done).items():
         same = np.array_equal(np.asarray(value), np.asarray(eqxlm.state_dict(start)[name]))
         assert same == (name != "lm_head.weight"), name
+
+
+def test_progress_bar_shows_each_loss_at_its_own_step(files, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "tqdm", RecordingBar)
+    run = run_training(_config(files, tmp_path / "bar", steps=3, progress=True, eval_fraction=0.0, export=False))
+    assert RecordingBar.shown == [(r["step"], f"{r['loss']:.4f}") for r in run.history]
 
 
 # -- bad input: a clear error before any compute, nothing overwritten --------------------------------------

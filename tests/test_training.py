@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from _train_fixtures import RecordingBar
 from hf import hf_model, save_hf, tiny_mistral
 
 import eqxlm
@@ -72,6 +73,15 @@ def test_same_seed_same_run():
     tokens = np.random.default_rng(3).integers(0, 48, size=3000).astype(np.int32)
     runs = [fit(_tiny(), tokens, steps=12, batch_size=4, seq_len=16, progress=False, log_every=4)[1] for _ in range(2)]
     assert [h["loss"] for h in runs[0]] == [h["loss"] for h in runs[1]]
+
+
+def test_fit_progress_bar_shows_each_loss_at_its_own_step(monkeypatch):
+    import eqxlm.training
+
+    monkeypatch.setattr(eqxlm.training, "tqdm", RecordingBar)
+    tokens = np.arange(500, dtype=np.int32) % 48
+    _, history = fit(_tiny(), tokens, steps=4, batch_size=2, seq_len=8, log_every=2)
+    assert RecordingBar.shown == [(h["step"], f"{h['loss']:.3f}") for h in history] and len(history) == 2
 
 
 def test_train_step_and_batches_compose_by_hand():

@@ -567,6 +567,7 @@ def _train_steps(config: TrainConfig, out: Path, job: _Job, manager, start: int,
         local = next(job.batches).reshape(config.grad_accum, len(job.rows), config.seq_len)
         batch = global_batch(local, job.rows, job.batch_shape, job.batch_spec, 1)
         job.params, job.opt_state, job.key, loss, grad_norm = step_fn(job.params, job.opt_state, job.key, job.frozen, batch)
+        bar.update()  # before the loss is shown, so the bar's count is the step that loss is of
         if step % config.log_every == 0 or step == config.steps:
             loss_value = float(loss)
             now = time.perf_counter()
@@ -594,7 +595,6 @@ def _train_steps(config: TrainConfig, out: Path, job: _Job, manager, start: int,
                     meta=ocp.args.JsonSave({"step": step, "train_config": config.to_json()}),
                 ),
             )
-        bar.update()
     bar.close()
     manager.wait_until_finished()
     manager.close()

@@ -366,5 +366,13 @@ MUTANTS = [
          find="return (jax.tree.map(jnp.add, grads, g), total + t, count + c), None",
          replace="return (jax.tree.map(lambda a, b: b, grads, g), total + t, count + c), None",
          tests=["tests/test_train_options.py", "-k", "accumulation"]),
+    dict(id="train-bar-count-one-step-behind", file="eqxlm/train/_loop.py",
+         find="bar.update()  # before the loss is shown",
+         replace="bar.update(int(step > start + 1))  # before the loss is shown",
+         tests=["tests/test_train.py", "-k", "progress_bar"]),
+    dict(id="fit-bar-count-one-step-behind", file="eqxlm/training.py",
+         find="bar.update()  # before the loss is shown",
+         replace="bar.update(int(step > 0))  # before the loss is shown",
+         tests=["tests/test_training.py", "-k", "progress_bar"]),
 ]
 # fmt: on
