@@ -64,7 +64,8 @@ class TrainConfig:
     remat: bool = _opt(False, "recompute each decoder layer's activations in the backward pass (less memory, more compute)")
     fixed_order_reductions: bool = _opt(
         False,
-        "sum the batch shards' losses and gradients in a fixed order (gather, then add) instead of an all-reduce: "
+        "sum the batch shards' losses and gradients (and held-out losses) in a fixed order (gather, then add) instead "
+        "of an all-reduce: "
         "bitwise the same result on any number of processes for a data-parallel mesh, for the memory of one "
         "gradient per batch shard on each device",
     )

@@ -203,25 +203,15 @@ def make_step(
 
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
     if fixed_order_over is not None:
-        mesh, (axes,) = fixed_order_over.mesh, fixed_order_over.spec
-        shard_count = int(np.prod([mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))]))
-        sharded_rows = NamedSharding(mesh, P(axes, None, None))
+        mesh = fixed_order_over.mesh
         gathered_vec = NamedSharding(mesh, P(None))
         gathered_grads = jax.tree.map(lambda sh: NamedSharding(mesh, P(None, *sh.spec)), param_shardings)
+        grad_fn = _in_shard_order(grad_fn, fixed_order_over, ((gathered_vec, gathered_vec), gathered_grads))
 
     def step(params, opt_state, key, frozen, batch):
         def body(carry, ids):
             grads, total, count = carry
-            if fixed_order_over is None:
-                (t, c), g = grad_fn(params, frozen, ids)
-            else:
-                per_shard = ids.reshape(shard_count, -1, ids.shape[-1])
-                per_shard = jax.lax.with_sharding_constraint(per_shard, sharded_rows)
-                (t, c), g = jax.vmap(grad_fn, in_axes=(None, None, 0))(params, frozen, per_shard)
-                t, c = jax.lax.with_sharding_constraint((t, c), (gathered_vec, gathered_vec))
-                g = jax.lax.with_sharding_constraint(g, gathered_grads)
-                t, c = jnp.sum(t), jnp.sum(c)
-                g = jax.tree.map(lambda x: jnp.sum(x, axis=0), g)
+            (t, c), g = grad_fn(params, frozen, ids)
             return (jax.tree.map(jnp.add, grads, g), total + t, count + c), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -238,13 +228,42 @@ def make_step(
     return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
-def make_eval(static, *, compute_dtype):
+def make_eval(static, *, compute_dtype, fixed_order_over: NamedSharding | None = None):
+    """The jitted held-out sums on `(rows, seq)` token windows and their 0/1 mask.
+    **Returns:** `sums(params, frozen, ids, mask) -> (summed token losses, token count)`;
+    `fixed_order_over` as in `make_step`, so the held-out loss is bitwise the same on any
+    process layout too."""
+
     def sums(params, frozen, ids, mask):
         model = eqx.combine(_cast_floats(params, compute_dtype), _cast_floats(frozen, compute_dtype), static)
         total, count = jax.vmap(next_token_loss, in_axes=(None, 0, 0))(model, ids, mask.astype(bool))
         return jnp.sum(total), jnp.sum(count)
 
+    if fixed_order_over is not None:
+        gathered_vec = NamedSharding(fixed_order_over.mesh, P(None))
+        sums = _in_shard_order(sums, fixed_order_over, (gathered_vec, gathered_vec))
     return jax.jit(sums)
+
+
+def _in_shard_order(fn, over: NamedSharding, gathered):
+    """`fn(params, frozen, *rows)`, a sum over rows, computed on each batch shard's rows on
+    their own (`vmap` over shards), gathered (exact) and summed in shard order: the same
+    additions in the same order on any process layout. `over`: the sharding of a `(shards,)`
+    vector over the batch axes; `gathered`: shardings of `fn`'s outputs with a leading shard
+    axis, replicated along it."""
+    mesh, (axes,) = over.mesh, over.spec
+    shard_count = int(np.prod([mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))]))
+
+    def split(x):  # (rows, ...) -> (shards, rows per shard, ...), each shard on its own devices
+        x = x.reshape(shard_count, -1, *x.shape[1:])
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(axes, *(None,) * (x.ndim - 1))))
+
+    def summed(params, frozen, *rows):
+        per_shard = jax.vmap(fn, in_axes=(None, None, *(0,) * len(rows)))(params, frozen, *map(split, rows))
+        per_shard = jax.lax.with_sharding_constraint(per_shard, gathered)
+        return jax.tree.map(lambda x: jnp.sum(x, axis=0), per_shard)
+
+    return summed
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -506,10 +525,19 @@ def _open_run_folder(config: TrainConfig, out: Path, job: _Job, start: int) -> l
     return history
 
 
+def _fixed_order_over(config: TrainConfig, job: _Job) -> NamedSharding | None:
+    """`make_step`'s and `make_eval`'s `fixed_order_over` for `--fixed-order-reductions`."""
+    return NamedSharding(job.mesh, P(job.batch_axes)) if config.fixed_order_reductions and job.batch_axes else None
+
+
 def _evaluator(config: TrainConfig, job: _Job):
     """`evaluate(params) -> {"eval_loss", "eval_perplexity", "eval_tokens"}` over the held-out
     windows, `micro` at a time (the last batch padded with masked rows)."""
-    eval_fn = make_eval(job.static, compute_dtype=jnp.bfloat16 if config.mixed_precision else jnp.float32)
+    eval_fn = make_eval(
+        job.static,
+        compute_dtype=jnp.bfloat16 if config.mixed_precision else jnp.float32,
+        fixed_order_over=_fixed_order_over(config, job),
+    )
     eval_spec = NamedSharding(job.mesh, P(job.batch_axes or None, None))
     micro, eval_rows = job.micro, process_rows(eval_spec, (job.micro, config.seq_len), dim=0)
 
@@ -548,9 +576,7 @@ def _train_steps(config: TrainConfig, out: Path, job: _Job, manager, start: int,
         remat=config.remat,
         param_shardings=job.param_shardings,
         opt_shardings=job.opt_shardings,
-        fixed_order_over=NamedSharding(job.mesh, P(job.batch_axes))
-        if config.fixed_order_reductions and job.batch_axes
-        else None,
+        fixed_order_over=_fixed_order_over(config, job),
     )
     evaluate = _evaluator(config, job)
 

@@ -374,5 +374,9 @@ MUTANTS = [
          find="bar.update()  # before the loss is shown",
          replace="bar.update(int(step > 0))  # before the loss is shown",
          tests=["tests/test_training.py", "-k", "progress_bar"]),
+    dict(id="held-out-loss-all-reduced", file="eqxlm/train/_loop.py",
+         find="sums = _in_shard_order(sums, fixed_order_over, (gathered_vec, gathered_vec))",
+         replace="sums = sums",
+         tests=["tests/test_train_multiprocess.py", "-m", "slow and ci", "-k", "dp-fixed"]),
 ]
 # fmt: on
