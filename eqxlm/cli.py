@@ -9,6 +9,7 @@ eqxlm train --data notes.txt --output-dir runs/a        # fine-tune (needs the `
 """
 
 import argparse
+import re
 import sys
 import time
 
@@ -169,14 +170,14 @@ def cmd_info(args) -> int:
 
 def cmd_train(args) -> int:
     try:
-        from .train import TrainConfig, train
+        from .train import TrainConfig, run_training
     except ImportError as e:
         return _fail(f"`eqxlm train` needs the train extra (pip install 'eqxlm[train]'): {e}.")
     import dataclasses
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     try:
-        run = train(TrainConfig(**values))
+        run = run_training(TrainConfig(**values))
     except ImportError as e:
         return _fail(str(e))
     if run.export_dir is not None:
@@ -208,8 +209,21 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=base, default=default, required=required, help=help_text + suffix)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that takes every negative number for a value. Its own test for one (`-1`,
+    `-0.5`) misses exponents and infinities, so `--learning-rate -1e-3` was read as an unknown
+    option ("expected one argument") where `--learning-rate=-1e-3` was read as a number."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse reads this (private) attribute for "looks like a negative number"; sub-commands
+        # are made with the parent's class, so they share it. tests/test_cli.py checks every
+        # numeric option both ways.
+        self._negative_number_matcher = re.compile(r"^-(\.?\d|inf(inity)?$)", re.IGNORECASE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="eqxlm",
         description="eqxlm: language models as small, shape-checked Equinox parts.",
         epilog="MODEL is a local Hugging Face folder or a hub repo id (honours HF_HUB_OFFLINE and the hub cache); "
@@ -323,32 +337,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_generate_args(args) -> str | None:
+# Bounds of the numeric options of generate, chat and eval (train's are `TrainConfig.check`'s).
+_BOUNDS = {
+    "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "max_length": (lambda v: v >= 1, ">= 1"),
+    "temperature": (lambda v: v >= 0, ">= 0 (0 = greedy)"),  # NaN fails too
+    "top_k": (lambda v: v >= 0, ">= 0 (0 = off)"),
+    "top_p": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    "limit": (lambda v: v > 0, "> 0 (a fraction if < 1)"),
+    "num_fewshot": (lambda v: v >= 0, ">= 0"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def _check_numbers(args) -> str | None:
     """What the API would refuse, refused on the command line before anything runs."""
-    if args.max_new_tokens < 1:
-        return f"--max-new-tokens must be >= 1, got {args.max_new_tokens}."
-    if not args.temperature >= 0:  # NaN too
-        return f"--temperature must be >= 0 (0 = greedy), got {args.temperature}."
-    if args.top_k < 0:
-        return f"--top-k must be >= 0 (0 = off), got {args.top_k}."
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-        return f"--top-p must be in (0, 1], got {args.top_p}."
+    if args.command == "train":
+        return None
+    for name, (ok, bound) in _BOUNDS.items():
+        value = getattr(args, name, None)
+        if value is not None and not ok(value):
+            return f"--{name.replace('_', '-')} must be {bound}, got {value}."
     return None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "generate":
-        problem = _check_generate_args(args)
-        if problem:
-            return _fail(problem)
+    problem = _check_numbers(args)
+    if problem:
+        return _fail(problem)
     if getattr(args, "top_k", None) == 0:
         args.top_k = None
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, MemoryError) as e:  # CheckpointError and ConfigError are ValueErrors
-        return _fail(str(e).replace("\n", " "))
+        return _fail(str(e))  # a multi-line message is a list (of changed options, say): keep its lines
     except KeyboardInterrupt:
         return 130
 

@@ -116,3 +116,61 @@ def test_model_repr_names_the_architecture(folder):
     text = repr(eqxlm.from_pretrained(folder))
     assert text.startswith("MistralForCausalLM: DecoderLM(\n") and "f32[" in text and "Array(" not in text
     assert architecture_name(SimpleNamespace(config=None)) == "SimpleNamespace"
+# -- numeric options: `--x -1e-3` reads as `--x=-1e-3` -------------------------------------------------------
+REQUIRED = {"generate": ["--prompt", "x"], "chat": [], "eval": ["m", "--tasks", "t"], "info": [],
+            "train": ["--data", "d.txt", "--output-dir", "out"]}  # fmt: skip
+NEGATIVE_ALLOWED = {"seed"}
+
+
+def _numeric_options():
+    """(command, action) for every int or float option of every sub-command."""
+    import argparse
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    return [(name, action) for name, sub in commands.items() for action in sub._actions if action.type in (int, float)]
+
+
+def test_every_numeric_option_reads_a_negative_number_with_or_without_equals():
+    options = _numeric_options()
+    assert {name for name, _ in options} == {"generate", "chat", "eval", "train"}
+    parser = build_parser()
+    for command, action in options:
+        values = ["-3"] if action.type is int else ["-3", "-1e-3", "-.5", "-2E+1", "-inf"]
+        for flag in action.option_strings:
+            for value in values:
+                spaced = parser.parse_args([command, *REQUIRED[command], flag, value])
+                joined = parser.parse_args([command, *REQUIRED[command], f"{flag}={value}"])
+                assert spaced == joined and getattr(spaced, action.dest) == action.type(value), (command, flag, value)
+
+
+def test_every_numeric_option_refuses_a_negative_value_by_name():
+    import dataclasses
+
+    from eqxlm.cli import _check_numbers
+    from eqxlm.train import TrainConfig
+
+    parser = build_parser()
+    for command, action in _numeric_options():
+        args = parser.parse_args([command, *REQUIRED[command], action.option_strings[0], "-1"])
+        if command == "train":
+            values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+            try:
+                TrainConfig(**values).check()
+                problem = None
+            except ValueError as e:
+                problem = str(e)
+            named = f"TrainConfig.{action.dest} "
+        else:
+            problem, named = _check_numbers(args), f"--{action.dest.replace('_', '-')} "
+        if action.dest in NEGATIVE_ALLOWED:
+            assert problem is None, (command, problem)
+        else:
+            assert problem is not None and named in problem and "got -1" in problem, (command, action.dest, problem)
+
+
+def test_negative_learning_rate_gets_the_one_line_error(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["train", "--data", str(tmp_path / "d.txt"), "--output-dir", str(out), "--learning-rate", "-1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert err == "eqxlm: error: TrainConfig.learning_rate must be positive, got -0.001.\n"
+    assert not out.exists()
