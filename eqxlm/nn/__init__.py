@@ -3,7 +3,7 @@
 | file | parts |
 |---|---|
 | `_norm.py` | `RMSNorm` (Llama / Gemma / OLMo numerics), `LayerNorm` (with or without bias) |
-| `_activations.py` | `ACTIVATIONS` by transformers' `ACT2FN` name (`activation(name)` refuses the rest by name), `bloom_gelu`, `gelu_new`, ... |
+| `_activations.py` | `ACTIVATIONS` by transformers' `ACT2FN` name, `bloom_gelu`, `gelu_new`, ... |
 | `_mlp.py` | `GatedMLP` (SwiGLU / GeGLU), `MLP` (plain two-layer) |
 | `_positions.py` | `AbstractPositionScheme`: rotate queries/keys, or bias scores |
 | `_rotary.py` | `RotaryEmbedding` (rotate-half or interleaved, partial), `RopeScaling`, `rope_inverse_frequencies` |
