@@ -175,9 +175,13 @@ def cmd_train(args) -> int:
         return _fail(f"`eqxlm train` needs the train extra (pip install 'eqxlm[train]'): {e}.")
     import dataclasses
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     try:
-        run = run_training(TrainConfig(**values))
+        config.check()
+    except ValueError as e:  # name the flag the user typed, not the field behind it
+        return _fail(re.sub(r"TrainConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e)))
+    try:
+        run = run_training(config)
     except ImportError as e:
         return _fail(str(e))
     if run.export_dir is not None:

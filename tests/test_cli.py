@@ -172,5 +172,5 @@ def test_negative_learning_rate_gets_the_one_line_error(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["train", "--data", str(tmp_path / "d.txt"), "--output-dir", str(out), "--learning-rate", "-1e-3"]) == 2
     err = capsys.readouterr().err
-    assert err == "eqxlm: error: TrainConfig.learning_rate must be positive, got -0.001.\n"
+    assert err == "eqxlm: error: --learning-rate must be positive, got -0.001.\n"
     assert not out.exists()
