@@ -278,7 +278,7 @@ def test_samples_stay_in_the_allowed_set_and_follow_the_distribution():
 )
 def test_sampling_config_refuses_a_bad_field_when_made(fields, message):
     with pytest.raises(SamplingConfigError, match="^SamplingConfig: ") as info:
-        SamplingConfig(do_sample=True, **fields) if "do_sample" not in fields else SamplingConfig(**fields)
+        SamplingConfig(**{"do_sample": True, **fields})
     assert str(info.value) == "SamplingConfig: " + message
     assert info.value.field == next(iter(fields))
 
