@@ -37,7 +37,7 @@ Switch the runtime checks off with `EQXLM_TYPECHECK=0` in the environment (see
 from . import models, nn, params, sharding, training
 from .checkpoint import CheckpointError, from_pretrained, hf_state_dict, save_pretrained
 from .default import DEFAULT_MODEL, default_model_path
-from .generation import generate
+from .generation import SamplingConfig, generate
 from .models import (
     AbstractCausalLM,
     BaseConfig,
@@ -106,6 +106,7 @@ __all__ = [
     "MistralConfig",
     "ModelOutput",
     "QuantizedLinear",
+    "SamplingConfig",
     "default_model_path",
     "from_pretrained",
     "generate",

@@ -45,9 +45,34 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _sampling_config(args):
+    """The command's sampling options as one `SamplingConfig` (`--temperature 0` is greedy,
+    `--top-k 0` off); a bad value is refused naming its option."""
+    from .generation import SamplingConfig, SamplingConfigError
+
+    sample = args.temperature != 0  # a negative or NaN temperature reaches SamplingConfig's check
+    try:
+        return SamplingConfig(
+            do_sample=sample,
+            temperature=args.temperature if sample else 1.0,
+            top_k=args.top_k or None,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+        )
+    except SamplingConfigError as e:
+        valid = _CLI_RANGES.get(e.field, e.valid)
+        raise ValueError(f"--{e.field.replace('_', '-')} must be {valid}, got {e.value}.") from None
+
+
+# where the command line's values differ from the API's (0 is greedy / off; no None to type)
+_CLI_RANGES = {"temperature": ">= 0 (0 = greedy)", "top_k": ">= 0 (0 = off)", "top_p": "in (0, 1]", "min_p": "in [0, 1]"}
+
+
 def cmd_generate(args) -> int:
     from .generation import generate
 
+    sampling = _sampling_config(args)
     timer = _CompileTimer()
     folder = checkpoint.resolve(args.model, revision=args.revision)
     tokenizer = load_tokenizer(folder)
@@ -65,16 +90,7 @@ def cmd_generate(args) -> int:
     # Every check of the request before a character is printed, so an error stands alone.
     from .generation import check_request
 
-    sampling = args.temperature > 0
-    check_request(
-        model,
-        np.ones((1, len(ids)), bool),
-        args.max_new_tokens,
-        sampling,
-        args.temperature if sampling else 1.0,
-        args.top_k,
-        args.top_p,
-    )
+    check_request(model, np.ones((1, len(ids)), bool), args.max_new_tokens, sampling)
 
     eos = set(model.generation_config.eos_token_id or ()) if model.generation_config else set()
     produced: list[int] = []
@@ -99,10 +115,7 @@ def cmd_generate(args) -> int:
         model,
         jnp.asarray([ids], jnp.int32),
         max_new_tokens=args.max_new_tokens,
-        do_sample=args.temperature > 0,
-        temperature=args.temperature if args.temperature > 0 else 1.0,
-        top_k=args.top_k,
-        top_p=args.top_p,
+        sampling=sampling,
         key=jax.random.key(args.seed),
         streamer=stream,
     ).block_until_ready()
@@ -113,6 +126,10 @@ def cmd_generate(args) -> int:
     mode = (
         "greedy" if args.temperature <= 0 else f"T={args.temperature}, top_k={args.top_k}, top_p={args.top_p}, seed={args.seed}"
     )
+    if sampling.min_p is not None:
+        mode += f", min_p={sampling.min_p}"
+    if sampling.repetition_penalty != 1.0:
+        mode += f", repetition_penalty={sampling.repetition_penalty}"
     print(
         f"[{len(produced)} new tokens ({mode}) | prompt {len(ids)} tokens | total {end - start:.2f} s, "
         f"of which compile {timer.seconds:.2f} s | decode {decode_rate:.1f} tokens/s]",
@@ -124,6 +141,7 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from .chat import ChatSession, run
 
+    sampling = _sampling_config(args)
     folder = checkpoint.resolve(args.model, revision=args.revision)
     tokenizer = load_tokenizer(folder)
     model = checkpoint.from_pretrained(folder, dtype=args.dtype)
@@ -133,9 +151,7 @@ def cmd_chat(args) -> int:
         system=args.system,
         max_length=args.max_length,
         max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
+        sampling=sampling,
         seed=args.seed,
     )
     from .models._contract import architecture_name
@@ -226,6 +242,19 @@ class _Parser(argparse.ArgumentParser):
         self._negative_number_matcher = re.compile(r"^-(\.?\d|inf(inity)?$)", re.IGNORECASE)
 
 
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """The options `generate` and `chat` share beyond temperature, top-k and top-p."""
+    parser.add_argument(
+        "--min-p", type=float, default=None, help="keep tokens at least MIN_P times as likely as the top one (default off)"
+    )
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="divide the logits of tokens already present (multiply when negative), > 0; greedy too (default 1.0 = off)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="eqxlm",
@@ -254,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", "-t", type=float, default=0.7, help="sampling temperature; 0 = greedy (default 0.7)")
     gen.add_argument("--top-k", type=int, default=40, help="sample among the K most likely tokens (default 40; 0 = off)")
     gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (default off)")
+    _add_sampling_options(gen)
     gen.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     gen.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="compute dtype (default: the checkpoint's)"
@@ -282,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", "-t", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
     chat.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens (default off)")
     chat.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (default off)")
+    _add_sampling_options(chat)
     chat.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     chat.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="compute dtype (default: the checkpoint's)"
@@ -341,13 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Bounds of the numeric options of generate, chat and eval (train's are `TrainConfig.check`'s).
+# Bounds of the numeric options of generate, chat and eval (the sampling options are
+# `SamplingConfig`'s, train's are `TrainConfig.check`'s).
 _BOUNDS = {
-    "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "max_new_tokens": (lambda v: v >= 1, ">= 1"),  # NaN fails too
     "max_length": (lambda v: v >= 1, ">= 1"),
-    "temperature": (lambda v: v >= 0, ">= 0 (0 = greedy)"),  # NaN fails too
-    "top_k": (lambda v: v >= 0, ">= 0 (0 = off)"),
-    "top_p": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
     "limit": (lambda v: v > 0, "> 0 (a fraction if < 1)"),
     "num_fewshot": (lambda v: v >= 0, ">= 0"),
     "batch_size": (lambda v: v >= 1, ">= 1"),
@@ -362,6 +391,11 @@ def _check_numbers(args) -> str | None:
         value = getattr(args, name, None)
         if value is not None and not ok(value):
             return f"--{name.replace('_', '-')} must be {bound}, got {value}."
+    if hasattr(args, "temperature"):  # generate and chat
+        try:
+            _sampling_config(args)
+        except ValueError as e:
+            return str(e)
     return None
 
 

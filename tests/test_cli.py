@@ -61,8 +61,41 @@ def test_help_is_complete():
     text = parser.format_help()
     assert "generate" in text and "info" in text
     sub = _run("generate", "--help")
-    for flag in ("--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--dtype"):
+    for flag in ("--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--min-p", "--repetition-penalty"):
         assert flag in sub.stdout
+    assert "--seed" in sub.stdout and "--dtype" in sub.stdout
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--min-p", "1.5"], "--min-p must be in [0, 1], got 1.5."),
+        (["--repetition-penalty", "0"], "--repetition-penalty must be a number > 0 (1.0 = off), got 0.0."),
+        (["--repetition-penalty", "nan"], "--repetition-penalty must be a number > 0 (1.0 = off), got nan."),
+        (["-t", "-1"], "--temperature must be >= 0 (0 = greedy), got -1.0."),
+        (["--top-k", "-2"], "--top-k must be >= 0 (0 = off), got -2."),
+        (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0."),
+    ],
+)
+def test_sampling_options_are_checked_by_sampling_config_naming_the_option(folder, command, args, message, capsys):
+    """`generate` and `chat` build one `SamplingConfig` from their options, before loading
+    anything; its refusal comes back under the option's name."""
+    prompt = ["--prompt", "x"] if command == "generate" else []
+    assert main([command, str(folder), *prompt, *args]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == f"eqxlm: error: {message}\n"
+
+
+def test_sampling_options_reach_the_sampling_config():
+    from eqxlm import SamplingConfig
+    from eqxlm.cli import _sampling_config
+
+    parser = build_parser()
+    args = parser.parse_args(["chat", "-t", "0.8", "--top-k", "5", "--min-p", "0.1", "--repetition-penalty", "1.2"])
+    assert _sampling_config(args) == SamplingConfig(do_sample=True, temperature=0.8, top_k=5, min_p=0.1, repetition_penalty=1.2)
+    args = parser.parse_args(["generate", "-p", "x", "-t", "0", "--repetition-penalty", "1.2"])
+    assert _sampling_config(args) == SamplingConfig(top_k=40, repetition_penalty=1.2)
 
 
 @pytest.mark.parametrize(
