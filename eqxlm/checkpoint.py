@@ -5,6 +5,10 @@ Parameter names (`eqxlm.params`) are the builder's attribute paths
 key map (`model.key_map()`) says how its checkpoints differ (renamed modules, fused or
 transposed projections, alternative spellings). Works for any model that implements
 `eqxlm.models.AbstractCausalLM` and is registered.
+
+[`fill`][] is the one loading path: `from_pretrained`, `eqxlm.load_quantized` and
+`eqxlm.lora.load_adapter` each build an abstract skeleton, say what every stored tensor must be
+and which leaves it fills ([`Expected`][]), and let it check, read and place the tensors.
 """
 
 import functools
