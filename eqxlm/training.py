@@ -25,6 +25,7 @@ from jaxtyping import Array, Bool, Float, Int
 from tqdm import tqdm
 
 from ._typing import typecheck
+from .nn import AbstractTransparent
 
 
 @typecheck
@@ -103,7 +104,7 @@ def make_optimizer(
     )
 
 
-class Remat(eqx.Module):
+class Remat(AbstractTransparent):
     """A layer whose activations are recomputed in the backward pass
     (`eqx.filter_checkpoint`): less memory for more compute. See `remat_layers`.
     Transparent to parameter names (`eqxlm.params`), so a wrapped model saves as is."""

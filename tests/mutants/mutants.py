@@ -351,8 +351,8 @@ MUTANTS = [
          replace="if get_opaque_trace_state() != trace and _STACK[0][0] is not got:",
          tests=["tests/test_inspect.py", "-k", "transformation_begun"]),
     dict(id="module-paths-only-hooks-transparent", file="eqxlm/module_paths.py",
-         find='return getattr(type(node), "transparent_field", None)',
-         replace='return getattr(type(node), "transparent_field", None) if type(node).__name__ == "Hook" else None',
+         find="return node.transparent_field if isinstance(node, AbstractTransparent) else None",
+         replace='return node.transparent_field if type(node).__name__ == "Hook" else None',
          tests=["tests/test_lora.py", "-k", "rematerialised"]),
     # -- issue 32: chat templates --------------------------------------------------------------
     dict(id="chat-template-for-loops-uncounted", file="eqxlm/tokenizer.py",
