@@ -127,7 +127,8 @@ def remat_layers(model):
 
 
 def unremat_layers(model):
-    """Undo [`remat_layers`][] (before saving: parameter names lose the `.layer`)."""
+    """Undo [`remat_layers`][] (parameter names are the same either way: [`Remat`][] is an
+    `eqxlm.nn.AbstractTransparent` wrapper)."""
     is_remat = lambda x: isinstance(x, Remat)  # noqa: E731
     return jax.tree.map(lambda x: x.layer if is_remat(x) else x, model, is_leaf=is_remat)
 
