@@ -32,12 +32,12 @@ arrays as leaves, so a hooked model is an ordinary pytree that `eqx.filter_jit`,
 `jax.vmap`, `jax.grad`, `eqxlm.generate` and `eqxlm.shard` take as they are, and
 `unhook` removes it. Points inside a module (queries, probabilities, per-head outputs, the
 middle of the residual stream) are reached by the hook passing a static `taps` callback to
-the module it wraps, which hands each point's value to `eqxlm.nn.tap` (a part of the user's own
-declares its points the same way: `eqxlm.nn.AbstractTapped`); without a hook that argument is None and the code path is the
-unhooked one, so **an unhooked model traces to exactly the same jaxpr** (tested). Captured
-values leave through a collector that [`run`][] opens while it traces the call (nothing
-is mutated at run time; under `lax.scan` the scanned layers return the captures as scan
-outputs, see `eqxlm.nn._taps`), which is why captures need `run` while patches need
+the module it wraps, which hands each point's value to `eqxlm.nn.tap` (a part of the user's
+own declares its points the same way: `eqxlm.nn.AbstractTapped`); without a hook that
+argument is None and the code path is the unhooked one, so **an unhooked model traces to
+exactly the same jaxpr** (tested). Captured values leave through a collector that [`run`][]
+opens while it traces the call (nothing is mutated at run time; under `lax.scan` the scanned
+layers return the captures as scan outputs, see `eqxlm.nn._taps`), which is why captures need `run` while patches need
 nothing, and why `run` goes inside a transformation, never around one begun within it
 (that is refused: its captures could not leave it). We chose this over threading named hook
 points through every call signature (TransformerLens' style) because that changes every
@@ -86,7 +86,6 @@ from .nn import (
     project,
 )
 
-ATTENTION_POINTS = Attention.tap_points
 ROUTER_POINTS = SparseMoE.tap_points
 LAYER_POINTS = {"resid_pre": "input", "resid_post": "output", "resid_mid": "resid_mid"}
 
@@ -238,6 +237,10 @@ def _points(node) -> tuple[str, ...]:
     return node.tap_points if isinstance(node, AbstractTapped) else ()
 
 
+# eqxlm's parts with points, offered in errors also to a model that has none of them
+_TAPPED = {Attention: "an attention module", SparseMoE: "a mixture of experts"}
+
+
 def _parse(model, name: str) -> tuple[str, str]:
     """`(module name, point)` for a hook name."""
     names = paths.module_paths(model)
@@ -250,7 +253,8 @@ def _parse(model, name: str) -> tuple[str, str]:
         if not isinstance(names[module], DecoderLayer):
             raise ValueError(f"{name}: {last!r} is a point of a decoder layer, and {module} is a {type(names[module]).__name__}.")
         return module, LAYER_POINTS[last]
-    kinds = sorted({type(n).__name__ for n in names.values() if last in _points(n)})
+    tapped = {type(n) for n in names.values() if isinstance(n, AbstractTapped)} | set(_TAPPED)
+    kinds = sorted({_TAPPED.get(cls, f"a {cls.__name__}") for cls in tapped if last in cls.tap_points})
     if kinds and point == "output" and name not in names:
         module = _translate(model, head, names)
         if last not in _points(names[module]):

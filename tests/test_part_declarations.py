@@ -162,5 +162,5 @@ def test_a_per_token_part_declares_points_captured_and_patched_per_token():
     bias = jnp.arange(HIDDEN, dtype=jnp.float32)  # one token's shape: added at every token
     patched = inspect.patch(model, "proj.pre", add=bias)
     np.testing.assert_allclose(np.asarray(patched(x)), np.asarray(jnp.tanh(pre + bias[None])), rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match=r"'pre' is a point of Squash, and proj.linear is a Linear"):
+    with pytest.raises(ValueError, match=r"'pre' is a point of a Squash, and proj.linear is a Linear"):
         inspect.capture(model, "proj.linear.pre")

@@ -20,8 +20,9 @@ class AbstractSequenceWise(eqx.Module):
 
     Where a module would otherwise be applied to every token (`eqxlm.nn.feed_forward`, a
     norm's place in a decoder layer, a projection through `eqxlm.nn.project`), a subclass of
-    this is called once on all of `x`. `eqxlm.inspect` hooks the module itself, not the
-    modules inside it (they do not run one token at a time).
+    this is called once on all of `x`. As a decoder layer's `mlp`, `eqxlm.inspect` hooks it
+    whole (and its declared points), not the modules inside it, which do not run one token at
+    a time.
     """
 
 
