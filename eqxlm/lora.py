@@ -38,7 +38,6 @@ import math
 import os
 import re
 from collections.abc import Sequence
-from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -48,6 +47,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from . import _safetensors as st
 from . import module_paths as paths
+from .nn import AbstractTokenAxes
 from .nn._linear import affine, matmul
 from .params import CheckpointTensor, KeyMap, param_refs
 
@@ -90,7 +90,7 @@ class LoraConfig:
         return any(name == t or name.endswith("." + t) for t in targets)
 
 
-class LoRALinear(eqx.nn.Linear):
+class LoRALinear(eqx.nn.Linear, AbstractTokenAxes):
     """An `eqx.nn.Linear` with a low-rank adapter: `W x + b + scaling * B (A dropout(x))`.
 
     `merged` (static): the adapter is already added to `weight` (see [`merge`][])."""
@@ -101,7 +101,6 @@ class LoRALinear(eqx.nn.Linear):
     scaling: float = eqx.field(static=True)
     dropout: float = eqx.field(static=True)
     merged: bool = eqx.field(static=True)
-    token_axes: ClassVar[bool] = True  # takes one token or any leading token axes (a sequence: whole products)
 
     def __init__(
         self, base: eqx.nn.Linear, lora_A, lora_B, scaling: float, dropout: float = 0.0, merged: bool = False, dropout_key=None

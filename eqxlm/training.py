@@ -25,6 +25,7 @@ from jaxtyping import Array, Bool, Float, Int
 from tqdm import tqdm
 
 from ._typing import typecheck
+from .nn import AbstractTransparent
 
 
 @typecheck
@@ -103,7 +104,7 @@ def make_optimizer(
     )
 
 
-class Remat(eqx.Module):
+class Remat(AbstractTransparent):
     """A layer whose activations are recomputed in the backward pass
     (`eqx.filter_checkpoint`): less memory for more compute. See `remat_layers`.
     Transparent to parameter names (`eqxlm.params`), so a wrapped model saves as is."""
@@ -126,7 +127,8 @@ def remat_layers(model):
 
 
 def unremat_layers(model):
-    """Undo [`remat_layers`][] (before saving: parameter names lose the `.layer`)."""
+    """Undo [`remat_layers`][] (parameter names are the same either way: [`Remat`][] is an
+    `eqxlm.nn.AbstractTransparent` wrapper)."""
     is_remat = lambda x: isinstance(x, Remat)  # noqa: E731
     return jax.tree.map(lambda x: x.layer if is_remat(x) else x, model, is_leaf=is_remat)
 

@@ -67,6 +67,7 @@ def test_remat_gives_the_same_loss_and_gradients():
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(checkpointed), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     assert eqxlm.state_dict(unremat_layers(remat_layers(model))).keys() == eqxlm.state_dict(model).keys()
+    assert eqxlm.state_dict(remat_layers(model)).keys() == eqxlm.state_dict(model).keys()  # `Remat` is transparent
 
 
 def test_same_seed_same_run():

@@ -14,6 +14,8 @@
 | `_decoder.py` | `DecoderLayer` (sequential or parallel residual, any norm placement) |
 | `_stack.py` | `LayerStack` (scanned layers), `run_layers`, `plan_segments` |
 | `_moe.py` | `SparseMoE` (router, stacked experts, gather / grouped / dense dispatch), `route` |
+| `_kinds.py` | `AbstractSequenceWise`, `AbstractTokenAxes`, `AbstractTransparent`, `AbstractStacked`, `AbstractTapped` |
+| `_taps.py` | `tap`: a part's internal point for `eqxlm.inspect` |
 | `_linear.py` | `linear`, `project`, `make_linear`, `matmul`, `einsum` (around `eqx.nn.Linear`; float32 accumulation) |
 """
 
@@ -21,6 +23,7 @@ from ._activations import ACTIVATIONS, bloom_gelu, gelu_exact, gelu_fast, gelu_n
 from ._alibi import ALiBi, alibi_slopes
 from ._attention import Attention, AttentionFrame, attention_frames, dot_product_attention
 from ._decoder import DecoderLayer, feed_forward
+from ._kinds import AbstractSequenceWise, AbstractStacked, AbstractTapped, AbstractTokenAxes, AbstractTransparent
 from ._kv_cache import Cache, CacheWrite, KVCache, SlotTable
 from ._linear import einsum, linear, make_linear, matmul, project
 from ._masks import attention_mask, causal_mask, padding_mask, sliding_window_mask
@@ -30,11 +33,17 @@ from ._norm import LayerNorm, RMSNorm
 from ._positions import AbstractPositionScheme
 from ._rotary import SUPPORTED_ROPE_TYPES, RopeScaling, RotaryEmbedding, rope_inverse_frequencies
 from ._stack import LayerStack, plan_segments, regroup, run_layers
+from ._taps import tap
 
 __all__ = [
     "ACTIVATIONS",
     "ALiBi",
     "AbstractPositionScheme",
+    "AbstractSequenceWise",
+    "AbstractStacked",
+    "AbstractTapped",
+    "AbstractTokenAxes",
+    "AbstractTransparent",
     "Attention",
     "AttentionFrame",
     "Cache",
@@ -74,4 +83,5 @@ __all__ = [
     "route",
     "run_layers",
     "sliding_window_mask",
+    "tap",
 ]
