@@ -6,7 +6,7 @@
 | `_activations.py` | `ACTIVATIONS` by transformers' `ACT2FN` name, `bloom_gelu`, `gelu_new`, ... |
 | `_mlp.py` | `GatedMLP` (SwiGLU / GeGLU), `MLP` (plain two-layer) |
 | `_positions.py` | `AbstractPositionScheme`: rotate queries/keys, or bias scores |
-| `_rotary.py` | `RotaryEmbedding` (rotate-half or interleaved, partial), `RopeScaling`, `rope_inverse_frequencies` |
+| `_rotary.py` | `RotaryEmbedding` (rotate-half or interleaved, partial), `RopeScaling` and its subclass per `rope_type` |
 | `_alibi.py` | `ALiBi`, `alibi_slopes` |
 | `_masks.py` | `causal_mask`, `sliding_window_mask`, `padding_mask`, `attention_mask` |
 | `_kv_cache.py` | `KVCache` (one layer), `SlotTable` (one attention kind), `Cache` (a model's) |
@@ -31,7 +31,18 @@ from ._mlp import MLP, GatedMLP
 from ._moe import SparseMoE, route
 from ._norm import LayerNorm, RMSNorm
 from ._positions import AbstractPositionScheme
-from ._rotary import SUPPORTED_ROPE_TYPES, RopeScaling, RotaryEmbedding, rope_inverse_frequencies
+from ._rotary import (
+    ROPE_TYPES,
+    LinearScaling,
+    Llama3Scaling,
+    LongRopeScaling,
+    RopeScaling,
+    RotaryEmbedding,
+    YarnScaling,
+    register_rope_type,
+    rope_inverse_frequencies,
+    rope_scaling_from_hf,
+)
 from ._stack import LayerStack, plan_segments, regroup, run_layers
 from ._taps import tap
 
@@ -55,9 +66,13 @@ __all__ = [
     "LayerStack",
     "MLP",
     "RMSNorm",
+    "LinearScaling",
+    "Llama3Scaling",
+    "LongRopeScaling",
+    "ROPE_TYPES",
     "RopeScaling",
     "RotaryEmbedding",
-    "SUPPORTED_ROPE_TYPES",
+    "YarnScaling",
     "SlotTable",
     "SparseMoE",
     "alibi_slopes",
@@ -78,8 +93,10 @@ __all__ = [
     "padding_mask",
     "plan_segments",
     "project",
+    "register_rope_type",
     "regroup",
     "rope_inverse_frequencies",
+    "rope_scaling_from_hf",
     "route",
     "run_layers",
     "sliding_window_mask",
