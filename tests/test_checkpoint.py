@@ -291,8 +291,9 @@ def test_phi3_longrope_as_hub_checkpoints_write_it(tmp_path):
 def test_longrope_without_original_length_takes_max_position_embeddings(tmp_path):
     """A longrope `rope_parameters` without `original_max_position_embeddings`: transformers
     takes `max_position_embeddings`, and so does eqxlm (it used to refuse the config as missing
-    the field). The same field at the top level is not read by transformers' Llama (only Phi-3
-    reads it there): refused by its name, not reported missing."""
+    the field). The same field at the top level (as Phi-3 checkpoints write it) takes priority in
+    transformers for every family: eqxlm reads it too (it used to refuse it), on both sides of the
+    switch to `long_factor`, and writes it back."""
     rope = {
         "rope_type": "longrope",
         "rope_theta": 1e4,
@@ -311,9 +312,17 @@ def test_longrope_without_original_length_takes_max_position_embeddings(tmp_path
     got = np.asarray(jax.vmap(model)(jnp.asarray(ids)).logits)
     np.testing.assert_allclose(got, run_hf(ref, ids).logits.numpy(), atol=LOGITS_ATOL, rtol=0)
     config["original_max_position_embeddings"] = 6
+    config["rope_parameters"]["original_max_position_embeddings"] = 12  # the top level wins over this
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="unsupported config field.*: original_max_position_embeddings"):
-        eqxlm.from_pretrained(path)
+    ref6 = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model6 = eqxlm.from_pretrained(path)
+    for length in (5, 10):  # short_factor, then long_factor (past 6)
+        want = run_hf(ref6, ids[:, :length]).logits.numpy()
+        got = np.asarray(jax.vmap(model6)(jnp.asarray(ids[:, :length])).logits)
+        np.testing.assert_allclose(got, want, atol=LOGITS_ATOL, rtol=0)
+        assert np.abs(want - run_hf(ref, ids[:, :length]).logits.numpy()).max() > 1e-3  # the field changes them
+    written = json.loads((eqxlm.save_pretrained(model6, tmp_path / "out") / "config.json").read_text())
+    assert written["original_max_position_embeddings"] == 6 == written["rope_parameters"]["original_max_position_embeddings"]
 
 
 def test_pytorch_bin_only_folder_says_safetensors_needed(llama_dir):

@@ -47,7 +47,11 @@ COMMON_IGNORED: dict[str, str] = {
     "tokenizer_class": "tokenizer bookkeeping",
     "_attn_implementation": "transformers' kernel choice, same numbers",
     "_attn_implementation_autoset": "transformers' kernel choice, same numbers",
+    "original_max_position_embeddings": "read into a llama3 / yarn / longrope scaling (`read_rope`: transformers "
+    "gives the top-level value priority); unused by the other rope types, as in transformers; written back as read",
 }
+#: Rope types that read the pretraining length `original_max_position_embeddings`.
+PRETRAINED_LENGTH_TYPES = ("llama3", "yarn", "longrope")
 
 
 def _type_name(tp) -> str:
@@ -350,8 +354,10 @@ def read_rope(raw: dict[str, Any], default_theta: float, default_partial: float 
     `rope_parameters` of `raw` into `rope_theta` (`default_theta` when absent) and a
     `RopeScaling` (None for `default`), and, where `default_partial` is given,
     `partial_rotary_factor` (from `rope_parameters`, else the top level, else the default).
-    A scaling with an `original_max_position_embeddings` field takes `max_position_embeddings`
-    when it lacks one, as transformers' `standardize_rope_params` does."""
+    A scaling with an `original_max_position_embeddings` field takes that field from the top
+    level of `raw` when it is there (Phi-3 checkpoints write it there, and transformers'
+    `standardize_rope_params` gives it priority over `rope_parameters`' for every family), else
+    from `rope_parameters`, else `max_position_embeddings`, as transformers does."""
     raw = dict(raw)
     params = raw.pop("rope_parameters", None) or {}
     scaling = raw.pop("rope_scaling", None) or {}
@@ -362,6 +368,9 @@ def read_rope(raw: dict[str, Any], default_theta: float, default_partial: float 
     if default_partial is not None:
         raw["partial_rotary_factor"] = merged.pop("partial_rotary_factor", raw.get("partial_rotary_factor", default_partial))
     merged.setdefault("rope_theta", raw.get("rope_theta", default_theta))
+    top = raw.get("original_max_position_embeddings")
+    if top is not None and merged.get("rope_type", merged.get("type")) in PRETRAINED_LENGTH_TYPES:
+        merged["original_max_position_embeddings"] = top  # the top-level value wins, as in transformers
     raw["rope_theta"], raw["rope_scaling"] = rope_from_hf(merged, raw.get("max_position_embeddings"))
     return raw
 

@@ -742,5 +742,10 @@ MUTANTS = [
          find="class Remat(AbstractTransparent):",
          replace="class Remat(eqx.Module):",
          tests=["tests/test_training.py", "-k", "remat"]),
+    # -- issue 32: the top-level pretraining length ---------------------------------------------
+    dict(id="rope-top-level-original-length-loses-priority", file="eqxlm/models/_config.py",
+         find='merged["original_max_position_embeddings"] = top  # the top-level value wins, as in transformers',
+         replace='merged.setdefault("original_max_position_embeddings", top)',
+         tests=["tests/test_checkpoint.py", "-k", "longrope_without_original_length"]),
 ]
 # fmt: on
