@@ -457,7 +457,8 @@ MUTANTS = [
          tests=["tests/test_moe.py", "-k", "router_in_bfloat16"]),
     dict(id="moe-router-renormalised-in-bf16", file="eqxlm/nn/_moe.py",
          find="    weights, index = jax.lax.top_k(probs, top_k)\n    if normalize:",
-         replace="    weights, index = jax.lax.top_k(probs, top_k)\n    weights = weights.astype(logits.dtype)\n    if normalize:",
+         replace="    weights, index = jax.lax.top_k(probs, top_k)\n"
+                 "    weights = weights.astype(logits.dtype)\n    if normalize:",
          tests=["tests/test_moe.py", "-k", "router_in_bfloat16"]),
     # -- issue 32: quick checks of the lm-eval adapter ---------------------------------------
     dict(id="harness-continuation-one-token-early", file="eqxlm/harness.py",
@@ -526,7 +527,8 @@ MUTANTS = [
          tests=["tests/test_moe.py", "-k", "block_in_bfloat16 and mixtral"]),
     dict(id="moe-combine-accumulated-like-the-eager-loop", file="eqxlm/nn/_moe.py",
          find="        out = out + terms[:, j]\n",
-         replace="        out = _round_as(_round_as(out, contrib.dtype) + _round_as(terms[:, j], contrib.dtype), contrib.dtype)\n",
+         replace="        dt = contrib.dtype\n"
+                 "        out = _round_as(_round_as(out, dt) + _round_as(terms[:, j], dt), dt)\n",
          tests=["tests/test_moe.py", "-k", "block_in_bfloat16 and (mixtral or olmoe)"]),
     dict(id="moe-combine-terms-unrounded", file="eqxlm/nn/_moe.py",
          find="    terms = _round_as(_wide(contrib) * _wide(weights)[..., None], product_dtype)\n",
