@@ -10,15 +10,15 @@ of the stacked axis `experts.{e}` because the class says `stacked_field = "exper
 Routing (`MixtralTopKRouter`, `Qwen3MoeTopKRouter`, `OlmoeTopKRouter`, `Qwen2MoeTopKRouter`
 in transformers 5.23 all compute this): `softmax(logits in float32)`, top-k of the
 probabilities, optionally renormalised to sum to one (`normalize`: Mixtral always,
-the others when `norm_topk_prob`). `MixtralTopKRouter` leaves the weights float32; the others
-round them to the logits' dtype: `SparseMoE.float32_weights`, which the family sets. Exact ties break toward
-the lower expert index (`jax.lax.top_k`). `torch.topk`'s order among exactly equal values on
-CPU is implementation-defined (of four equal values it picks experts 2 and 3), so an exact
-tie (e.g. an all-zero router) is the one case where the selection can differ from
-transformers'; distinct probabilities select the same experts in the same order.
+the others when `norm_topk_prob`). `MixtralTopKRouter` leaves the weights float32, the others
+round them to the logits' dtype (`SparseMoE.float32_weights`, which the family sets). Exact
+ties break toward the lower expert index (`jax.lax.top_k`). `torch.topk`'s order among
+exactly equal values on CPU is implementation-defined (of four equal values it picks experts
+2 and 3), so an exact tie (e.g. an all-zero router) is the one case where the selection can
+differ from transformers'; distinct probabilities select the same experts in the same order.
 
-Three dispatch paths, chosen from static shapes, give the same numbers (up to the summation
-order inside a matrix product):
+Three dispatch paths, chosen from static shapes, give the same numbers (in reduced precision
+the same bits; in float32 up to the summation order inside a matrix product):
 
 - `"gather"` (decode: `tokens * top_k <= 2 * experts`): one (token, expert) pair at a time,
   each reading only its expert's weights, so a one-token step reads `top_k` of the experts;
