@@ -3,7 +3,7 @@
 Layout: `eqxlm.nn` holds the parts, `eqxlm.models` the contract (`AbstractCausalLM`), the
 Llama-like builder (`DecoderSpec`, `DecoderLM`) and one file per family, `eqxlm.params`
 parameter names, key maps and partition specs, `eqxlm.checkpoint` Hugging Face import/export,
-`eqxlm.generation` the KV-cached decoder, `eqxlm.training` training utilities,
+`eqxlm.generation` the KV-cached decoder, `eqxlm.training` training utilities (`fit`: a small in-memory loop),
 `eqxlm.sharding` meshes and placement, `eqxlm.tokenizer` tokenizers and chat templates,
 `eqxlm.chat` multi-turn chat with a kept KV cache, `eqxlm.harness` the lm-evaluation-harness
 adapter (optional extra `eval`), `eqxlm.quantization` weight-only int8 / int4 quantization,
@@ -37,7 +37,7 @@ Switch the runtime checks off with `EQXLM_TYPECHECK=0` in the environment (see
 from . import models, nn, params, sharding, training
 from .checkpoint import CheckpointError, from_pretrained, hf_state_dict, save_pretrained
 from .default import DEFAULT_MODEL, default_model_path
-from .generation import generate
+from .generation import SamplingConfig, generate
 from .models import (
     AbstractCausalLM,
     BaseConfig,
@@ -106,6 +106,7 @@ __all__ = [
     "MistralConfig",
     "ModelOutput",
     "QuantizedLinear",
+    "SamplingConfig",
     "default_model_path",
     "from_pretrained",
     "generate",

@@ -310,6 +310,11 @@ def dtype_name(dtype: np.dtype) -> str:
     return np.dtype(dtype).name
 
 
+def stored_name(dtype) -> str:
+    """The safetensors name of numpy `dtype` (`"F32"`, `"BF16"`, `"I8"`)."""
+    return next(name for name, (values, _) in DTYPES.items() if values == np.dtype(dtype))
+
+
 def target_dtype(requested, config_raw: dict[str, Any], stored: set[str], config_path: Path) -> np.dtype:
     """The one dtype every weight of a load ends in.
 

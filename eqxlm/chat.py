@@ -34,24 +34,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .generation import process_logits
+from .generation import SamplingConfig, present, select_tokens
 from .tokenizer import ChatTemplateError, Tokenizer
 
 _MARKER = "\x00eqxlm-reply\x00"
 
 
-def _choose(logits, key, temperature, top_k, top_p, do_sample: bool):
-    if not do_sample:
-        return jnp.argmax(logits).astype(jnp.int32)
-    return jax.random.categorical(key, process_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
-
-
 @eqx.filter_jit
-def _feed(model, cache, ids, key, temperature, top_k, top_p, *, do_sample: bool):
+def _feed(model, cache, seen, ids, key, sampling):
     """Run `ids` (a chunk, or one token) through the model on top of `cache`; return the next
-    token chosen from the last position's logits, and the updated cache."""
-    out = model(ids, jnp.ones(ids.shape, bool), cache=cache)
-    return _choose(out.logits[-1], key, temperature, top_k, top_p, do_sample), out.cache
+    token chosen from the last position's logits (`seen`, the ids in the cache, feeds the
+    repetition penalty), the updated cache and the updated `seen`."""
+    real = jnp.ones(ids.shape, bool)
+    out = model(ids, real, cache=cache)
+    seen = seen | present(ids, real, seen.shape[0])
+    return select_tokens(out.logits[-1:], seen[None], key, sampling)[0], out.cache, seen
 
 
 @eqx.filter_jit
@@ -74,8 +71,9 @@ class ChatSession:
     **Arguments:** `model` (an eqxlm causal LM); `tokenizer` (with a `chat_template`);
     `system` (an optional system prompt); `max_length` (tokens the conversation may hold;
     default and upper bound: the model's `max_position_embeddings`, else 4096);
-    `max_new_tokens` per reply; `temperature` (0 = greedy), `top_k`, `top_p`, `seed`;
-    `chunk` (prefill block size).
+    `max_new_tokens` per reply; `sampling` (an `eqxlm.SamplingConfig`; default greedy; the
+    repetition penalty counts every token of the conversation so far), `seed`; `chunk`
+    (prefill block size).
     """
 
     def __init__(
@@ -86,9 +84,7 @@ class ChatSession:
         system: str | None = None,
         max_length: int | None = None,
         max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
+        sampling: SamplingConfig | None = None,
         seed: int = 0,
         chunk: int = 16,
     ):
@@ -100,12 +96,9 @@ class ChatSession:
             raise ValueError(f"max_new_tokens must be in [1, {self.max_length}), got {max_new_tokens}.")
         self.model, self.tokenizer = model, tokenizer
         self.system, self.max_new_tokens, self.chunk = system, max_new_tokens, chunk
-        self.do_sample = temperature > 0
-        self._sampling = (
-            np.float32(temperature if temperature > 0 else 1.0),
-            np.int32(top_k or 0),
-            np.float32(1.0 if top_p is None else top_p),
-        )
+        self.sampling = SamplingConfig() if sampling is None else sampling
+        self._values = self.sampling.values()
+        self._vocab = eqx.filter_eval_shape(lambda m: m(jnp.zeros((1,), jnp.int32)).logits, model).shape[-1]
         self._key = jax.random.key(seed)
         generation = model.generation_config
         eos = (generation.eos_token_id if generation else None) or model.config.eos_token_id or ()
@@ -118,6 +111,7 @@ class ChatSession:
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self.history: list[int] = []  # every token in the cache, in order
         self.cache = _init_cache(self.model, self.max_length)
+        self._seen = jnp.zeros(self._vocab, bool)  # which ids `history` holds
 
     @property
     def cache_end(self) -> int:
@@ -148,7 +142,7 @@ class ChatSession:
         while i < len(ids):
             n = self.chunk if len(ids) - i >= self.chunk else 1
             block = jnp.asarray(ids[i : i + n], jnp.int32)
-            token, self.cache = _feed(self.model, self.cache, block, key, *self._sampling, do_sample=self.do_sample)
+            token, self.cache, self._seen = _feed(self.model, self.cache, self._seen, block, key, self._values)
             i += n
         self.history.extend(ids)
         return token
@@ -161,6 +155,7 @@ class ChatSession:
         new, restart = self._new_tokens(user)
         if restart and self.history:
             self.history, self.cache = [], _init_cache(self.model, self.max_length)
+            self._seen = jnp.zeros(self._vocab, bool)
             reprefilled = True
         else:
             reprefilled = False

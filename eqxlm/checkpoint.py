@@ -5,6 +5,10 @@ Parameter names (`eqxlm.params`) are the builder's attribute paths
 key map (`model.key_map()`) says how its checkpoints differ (renamed modules, fused or
 transposed projections, alternative spellings). Works for any model that implements
 `eqxlm.models.AbstractCausalLM` and is registered.
+
+[`fill`][] is the one loading path: `from_pretrained`, `eqxlm.load_quantized` and
+`eqxlm.lora.load_adapter` each build an abstract skeleton, say what every stored tensor must be
+and which leaves it fills ([`Expected`][]), and let it check, read and place the tensors.
 """
 
 import functools
@@ -12,8 +16,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -178,42 +183,154 @@ def from_pretrained(
     readers = {file: st.SafetensorsFile(file) for file in sorted(set(files.values()))}
     if (folder / SAFE_INDEX).exists():
         st.check_index(folder / SAFE_INDEX, files, readers)
-    stored = {readers[file].entries[name].dtype for name, file in files.items()}
-    dtype = st.target_dtype(dtype, st.read_json(folder / "config.json", "config"), stored, folder / "config.json")
+    stored = {name: readers[file] for name, file in files.items()}
+    dtypes = {reader.entries[name].dtype for name, reader in stored.items()}
+    dtype = st.target_dtype(dtype, st.read_json(folder / "config.json", "config"), dtypes, folder / "config.json")
     extra = {"scan_layers": True} if scan_layers else {}
     skeleton = eqx.filter_eval_shape(
         lambda: model_cls(config, key=jax.random.key(0), dtype=dtype, generation_config=generation_config, **extra)
     )
     key_map = skeleton.key_map()
-    tensors = {t.name: t for t in key_map.checkpoint_tensors(param_refs(skeleton))}
     ignored = re.compile(key_map.ignored) if key_map.ignored else None
-
-    def known(file_name: str) -> str | None:
-        if file_name in tensors:
-            return file_name
-        for pattern, replacement in key_map.aliases:
-            alias = re.sub(pattern, replacement, file_name)
-            if alias in tensors:
-                return alias
-        return None
-
-    found: dict[str, tuple[str, Path]] = {}
-    unexpected, misshapen, wrong_dtype = [], [], []
     tied = getattr(config, "tie_word_embeddings", False)
-    for file_name, file in files.items():
-        name = known(file_name)
-        if name is not None:
-            found[name] = (file_name, file)
-            info = readers[file].entries[file_name]
-            if info.shape != tensors[name].shape:
-                misshapen.append(f"{file.name}: {file_name}: file {info.shape}, model {tensors[name].shape}")
-            problem = st.check_float(file, file_name, info.dtype, dtype)
-            if problem:
-                wrong_dtype.append(problem)
-        elif (ignored and ignored.search(file_name)) or (tied and file_name == TIED_HEAD):
-            continue  # a recomputed buffer, or a tied head saved anyway (it equals the embedding)
-        else:
-            unexpected.append(f"{file.name}: {file_name}")
+
+    def skip(file_name: str) -> bool:  # a recomputed buffer, or a tied head saved anyway (it equals the embedding)
+        return bool(ignored and ignored.search(file_name)) or (tied and file_name == TIED_HEAD)
+
+    return fill(
+        skeleton,
+        stored,
+        [Expected(t) for t in key_map.checkpoint_tensors(param_refs(skeleton))],
+        source=folder,
+        against=f"config.json ({config.model_type})",
+        skip=skip,
+        aliases=key_map.aliases,
+        mesh=mesh,
+        rules=skeleton.partition_rules() if rules is None else rules,
+        progress=progress,
+        what=f"{folder} as {dtype.name}",
+    )
+
+
+# -- filling a skeleton -------------------------------------------------------------------
+class Expected(NamedTuple):
+    """What a load expects of one stored tensor, and the parameters it fills.
+
+    - `tensor`: its stored name and its parameters (fused, transposed, stacked: see
+      `eqxlm.params.CheckpointTensor`). Several parameters with no `fused` each receive the
+      whole tensor (the one LoRA `A` of a projection eqxlm holds as parts);
+    - `dtype`: the stored dtype it must have (a safetensors name: `"I8"`, `"U8"`, `"F32"`),
+      or None: any float weight (`F64`, `F32`, `F16`, `BF16`), cast to the parameters' dtype;
+    - `shape`: its stored shape, where that is not `tensor.shape` (int4 packed two per byte);
+    - `convert`: stored values -> the parameters' values, on the whole tensor (int4 unpacking).
+    """
+
+    tensor: CheckpointTensor
+    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
+    convert: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+def _known(file_name: str, tensors: dict[str, Expected], aliases) -> str | None:
+    if file_name in tensors:
+        return file_name
+    for pattern, replacement in aliases:
+        alias = re.sub(pattern, replacement, file_name)
+        if alias in tensors:
+            return alias
+    return None
+
+
+def _check_covered(leaves: list, expected: Sequence[Expected]) -> None:
+    """Every abstract leaf (every layer of a stacked one) is some expected tensor's part."""
+    slots: dict[int, set] = {}
+    for e in expected:
+        for ref in e.tensor.parts:
+            slots.setdefault(ref.leaf, set()).add(ref.index)
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            got = slots.get(i, set())
+            stacked = len(next(iter(got))) if got else 0
+            if not got or len(got) != math.prod(leaf.shape[:stacked]):
+                raise ValueError(f"fill: leaf {i} {leaf.shape} of the skeleton is not filled by the expected tensors.")
+
+
+def _problem(reader: st.SafetensorsFile, file_name: str, e: Expected, target: np.dtype) -> tuple[str | None, str | None]:
+    """(misshapen, wrong dtype) lines for stored tensor `file_name`, expected as `e`, of a
+    leaf of dtype `target`; None where it is right."""
+    info, where = reader.entries[file_name], f"{reader.path.name}: {file_name}"
+    shape = e.tensor.shape if e.shape is None else e.shape
+    misshapen = None
+    if info.shape != shape and e.dtype is None:
+        misshapen = f"{where}: file {info.shape}, model {shape}"
+    elif info.shape != shape:
+        kinds = st.dtype_name(info.numpy_dtype), st.dtype_name(st.DTYPES[e.dtype][0])
+        misshapen = f"{where}: file {kinds[0]} {info.shape}, model {kinds[1]} {shape}"
+    if e.dtype is None:
+        return misshapen, st.check_float(reader.path, file_name, info.dtype, target)
+    return misshapen, None if info.dtype == e.dtype else f"{where}: stored as {info.dtype}, expected {e.dtype}"
+
+
+def fill(
+    skeleton,
+    stored: dict[str, st.SafetensorsFile],
+    expected: Sequence[Expected],
+    *,
+    source: str | os.PathLike,
+    against: str,
+    skip: Callable[[str], bool] | None = None,
+    aliases: Sequence[tuple[str, str]] = (),
+    mesh=None,
+    rules=None,
+    progress: bool | None = None,
+    what: str | None = None,
+):
+    """Fill the abstract leaves of `skeleton` with stored tensors: the one loading path of
+    [`from_pretrained`][], `eqxlm.load_quantized` and `eqxlm.lora.load_adapter`.
+
+    **Arguments:**
+    - `skeleton`: a model whose leaves to fill are `jax.ShapeDtypeStruct`s (built with
+      `eqx.filter_eval_shape`); its concrete leaves are kept as they are.
+    - `stored`: every stored tensor's name -> the open file that holds it.
+    - `expected`: one [`Expected`][] per stored tensor the model needs; together they fill
+      every abstract leaf.
+    - `skip(name)`: stored tensors the model does not need that are not an error (recomputed
+      buffers, a tied head saved anyway).
+    - `aliases`: `(pattern, replacement)` pairs tried with `re.sub` on a stored name that
+      matches nothing (other spellings of the same tensor).
+    - `source`, `against`: the error reads `{source}: {files} does not match {against}`.
+    - `mesh`, `rules`: place each leaf onto its shards of `mesh` as it is read, by `rules`.
+    - `progress`: show a progress bar (default: for files over 256 MB).
+    - `what`: how the memory check names the load (default: `source`).
+
+    **Returns:** `skeleton` with every abstract leaf a `jax.Array` of its dtype.
+
+    **Raises:** before anything is read, a `CheckpointError` naming, by file and tensor, every
+    missing, unexpected and misshapen tensor and every stored dtype that cannot become its
+    leaf's; then an `InsufficientMemoryError` when the leaves cannot fit.
+
+    A plain tensor already in its leaf's dtype is used in place where it can be (on CPU, the
+    file's mapped pages when 64-byte aligned); the others are read, cast and split a chunk at
+    a time into their leaves, and a stacked leaf (scanned layers) is one buffer filled layer
+    by layer, so memory holds the leaves plus one chunk, never a second copy.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(skeleton)
+    _check_covered(leaves, expected)
+    tensors = {e.tensor.name: e for e in expected}
+    found: dict[str, str] = {}
+    unexpected, misshapen, wrong_dtype = [], [], []
+    for file_name, reader in stored.items():
+        name = _known(file_name, tensors, aliases)
+        if name is None:
+            if not (skip and skip(file_name)):
+                unexpected.append(f"{reader.path.name}: {file_name}")
+            continue
+        found[name] = file_name
+        shape_problem, dtype_problem = _problem(
+            reader, file_name, tensors[name], leaves[tensors[name].tensor.parts[0].leaf].dtype
+        )
+        misshapen += [shape_problem] if shape_problem else []
+        wrong_dtype += [dtype_problem] if dtype_problem else []
     missing = sorted(set(tensors) - set(found))
     problems = []
     if missing:
@@ -224,28 +341,24 @@ def from_pretrained(
         problems.append(f"misshapen tensors: {st._plural(sorted(misshapen), 8, '; ')}")
     if wrong_dtype:
         problems.append(f"wrong dtype: {st._plural(sorted(wrong_dtype), 8, '; ')}")
+    readers = {reader.path: reader for reader in stored.values()}
     if problems:
-        names = st._plural(sorted(f.name for f in readers), 3)
-        raise CheckpointError(f"{folder}: {names} does not match config.json ({config.model_type}):\n  " + "\n  ".join(problems))
-    needed = sum(math.prod(t.shape) for t in tensors.values()) * dtype.itemsize
-    check_fits_in_memory(needed, f"{folder} as {dtype.name}", devices=1 if mesh is None else mesh.size)
+        names = st._plural(sorted(path.name for path in readers), 3)
+        raise CheckpointError(f"{source}: {names} does not match {against}:\n  " + "\n  ".join(problems))
+    abstract = [leaf for leaf in leaves if isinstance(leaf, jax.ShapeDtypeStruct)]
+    needed = sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in abstract)
+    check_fits_in_memory(needed, what or str(source), devices=1 if mesh is None else mesh.size)
 
-    leaves, treedef = jax.tree_util.tree_flatten(skeleton)
     values: list[Any] = list(leaves)
-    rules = skeleton.partition_rules() if rules is None else rules
     specs = leaf_specs(skeleton, mesh, rules) if mesh is not None else {}
     stacked: dict[int, np.ndarray] = {}  # host buffers of stacked leaves, filled layer by layer
-    total = sum(f.stat().st_size for f in readers)
+    total = sum(path.stat().st_size for path in readers)
     show = progress if progress is not None else total > 256 * 2**20
-    bar = tqdm(total=len(found), desc=f"loading {folder.name}", unit="tensor", disable=not show)
-    for name, tensor in tensors.items():
-        file_name, file = found[name]
-        simple = tensor.fused is None and not tensor.transposed and not tensor.parts[0].index
-        if simple:
-            ref = tensor.parts[0]
-            values[ref.leaf] = _read(readers[file], file_name, dtype, mesh, specs.get(ref.leaf))
-            bar.update()
-            continue
+    bar = tqdm(total=len(found), desc=f"loading {Path(source).name}", unit="tensor", disable=not show)
+    for name, e in tensors.items():
+        file_name, tensor = found[name], e.tensor
+        reader = stored[file_name]
+        target = np.dtype(leaves[tensor.parts[0].leaf].dtype)
         outs = []
         for ref in tensor.parts:
             if ref.index:
@@ -254,11 +367,30 @@ def from_pretrained(
                     stacked[ref.leaf] = st.aligned_empty(leaf.shape, leaf.dtype)
                 outs.append(stacked[ref.leaf][(*ref.index, ...)])  # a view, even of a per-layer scalar
             else:
-                outs.append(st.aligned_empty(ref.shape, dtype))
-        _split_into(readers[file], file_name, tensor, outs)
-        for ref, out in zip(tensor.parts, outs, strict=True):
-            if not ref.index:
-                values[ref.leaf] = _put(out, mesh, specs.get(ref.leaf))
+                outs.append(None)
+        if e.convert is not None or (tensor.fused is None and len(tensor.parts) > 1):
+            # whole: converted (one tensor's worth), or the same values for each part
+            if e.convert is not None:
+                array = e.convert(reader.read(file_name))
+            else:
+                array = reader.read(file_name, dtype=target, cast_into=_cast_into if _on_cpu() else None)
+            pieces = tensor.split(array)
+            pieces = pieces * len(tensor.parts) if len(pieces) == 1 else pieces
+            for ref, out, piece in zip(tensor.parts, outs, pieces, strict=True):
+                if out is not None:
+                    out[...] = piece
+                else:
+                    values[ref.leaf] = _put(np.asarray(piece, target), mesh, specs.get(ref.leaf))
+        elif tensor.fused is None and not tensor.transposed and not tensor.parts[0].index:
+            values[tensor.parts[0].leaf] = _read(reader, file_name, target, mesh, specs.get(tensor.parts[0].leaf))
+        else:
+            outs = [
+                st.aligned_empty(ref.shape, target) if out is None else out for ref, out in zip(tensor.parts, outs, strict=True)
+            ]
+            _split_into(reader, file_name, tensor, outs)
+            for ref, out in zip(tensor.parts, outs, strict=True):
+                if not ref.index:
+                    values[ref.leaf] = _put(out, mesh, specs.get(ref.leaf))
         bar.update()
     for leaf, buffer in stacked.items():
         values[leaf] = _put(buffer, mesh, specs.get(leaf))

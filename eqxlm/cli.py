@@ -9,6 +9,7 @@ eqxlm train --data notes.txt --output-dir runs/a        # fine-tune (needs the `
 """
 
 import argparse
+import re
 import sys
 import time
 
@@ -44,9 +45,34 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _sampling_config(args):
+    """The command's sampling options as one `SamplingConfig` (`--temperature 0` is greedy,
+    `--top-k 0` off); a bad value is refused naming its option."""
+    from .generation import SamplingConfig, SamplingConfigError
+
+    sample = args.temperature != 0  # a negative or NaN temperature reaches SamplingConfig's check
+    try:
+        return SamplingConfig(
+            do_sample=sample,
+            temperature=args.temperature if sample else 1.0,
+            top_k=args.top_k or None,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+        )
+    except SamplingConfigError as e:
+        valid = _CLI_RANGES.get(e.field, e.valid)
+        raise ValueError(f"--{e.field.replace('_', '-')} must be {valid}, got {e.value}.") from None
+
+
+# where the command line's values differ from the API's (0 is greedy / off; no None to type)
+_CLI_RANGES = {"temperature": ">= 0 (0 = greedy)", "top_k": ">= 0 (0 = off)", "top_p": "in (0, 1]", "min_p": "in [0, 1]"}
+
+
 def cmd_generate(args) -> int:
     from .generation import generate
 
+    sampling = _sampling_config(args)
     timer = _CompileTimer()
     folder = checkpoint.resolve(args.model, revision=args.revision)
     tokenizer = load_tokenizer(folder)
@@ -64,16 +90,7 @@ def cmd_generate(args) -> int:
     # Every check of the request before a character is printed, so an error stands alone.
     from .generation import check_request
 
-    sampling = args.temperature > 0
-    check_request(
-        model,
-        np.ones((1, len(ids)), bool),
-        args.max_new_tokens,
-        sampling,
-        args.temperature if sampling else 1.0,
-        args.top_k,
-        args.top_p,
-    )
+    check_request(model, np.ones((1, len(ids)), bool), args.max_new_tokens, sampling)
 
     eos = set(model.generation_config.eos_token_id or ()) if model.generation_config else set()
     produced: list[int] = []
@@ -98,10 +115,7 @@ def cmd_generate(args) -> int:
         model,
         jnp.asarray([ids], jnp.int32),
         max_new_tokens=args.max_new_tokens,
-        do_sample=args.temperature > 0,
-        temperature=args.temperature if args.temperature > 0 else 1.0,
-        top_k=args.top_k,
-        top_p=args.top_p,
+        sampling=sampling,
         key=jax.random.key(args.seed),
         streamer=stream,
     ).block_until_ready()
@@ -112,6 +126,10 @@ def cmd_generate(args) -> int:
     mode = (
         "greedy" if args.temperature <= 0 else f"T={args.temperature}, top_k={args.top_k}, top_p={args.top_p}, seed={args.seed}"
     )
+    if sampling.min_p is not None:
+        mode += f", min_p={sampling.min_p}"
+    if sampling.repetition_penalty != 1.0:
+        mode += f", repetition_penalty={sampling.repetition_penalty}"
     print(
         f"[{len(produced)} new tokens ({mode}) | prompt {len(ids)} tokens | total {end - start:.2f} s, "
         f"of which compile {timer.seconds:.2f} s | decode {decode_rate:.1f} tokens/s]",
@@ -123,6 +141,7 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from .chat import ChatSession, run
 
+    sampling = _sampling_config(args)
     folder = checkpoint.resolve(args.model, revision=args.revision)
     tokenizer = load_tokenizer(folder)
     model = checkpoint.from_pretrained(folder, dtype=args.dtype)
@@ -132,9 +151,7 @@ def cmd_chat(args) -> int:
         system=args.system,
         max_length=args.max_length,
         max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
+        sampling=sampling,
         seed=args.seed,
     )
     from .models._contract import architecture_name
@@ -169,14 +186,18 @@ def cmd_info(args) -> int:
 
 def cmd_train(args) -> int:
     try:
-        from .train import TrainConfig, train
+        from .train import TrainConfig, run_training
     except ImportError as e:
         return _fail(f"`eqxlm train` needs the train extra (pip install 'eqxlm[train]'): {e}.")
     import dataclasses
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     try:
-        run = train(TrainConfig(**values))
+        config.check()
+    except ValueError as e:  # name the flag the user typed, not the field behind it
+        return _fail(re.sub(r"TrainConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e)))
+    try:
+        run = run_training(config)
     except ImportError as e:
         return _fail(str(e))
     if run.export_dir is not None:
@@ -208,8 +229,34 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=base, default=default, required=required, help=help_text + suffix)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that takes every negative number for a value. Its own test for one (`-1`,
+    `-0.5`) misses exponents and infinities, so `--learning-rate -1e-3` was read as an unknown
+    option ("expected one argument") where `--learning-rate=-1e-3` was read as a number."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse reads this (private) attribute for "looks like a negative number"; sub-commands
+        # are made with the parent's class, so they share it. tests/test_cli.py checks every
+        # numeric option both ways.
+        self._negative_number_matcher = re.compile(r"^-(\.?\d|inf(inity)?$)", re.IGNORECASE)
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """The options `generate` and `chat` share beyond temperature, top-k and top-p."""
+    parser.add_argument(
+        "--min-p", type=float, default=None, help="keep tokens at least MIN_P times as likely as the top one (default off)"
+    )
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="divide the logits of tokens already present (multiply when negative), > 0; greedy too (default 1.0 = off)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="eqxlm",
         description="eqxlm: language models as small, shape-checked Equinox parts.",
         epilog="MODEL is a local Hugging Face folder or a hub repo id (honours HF_HUB_OFFLINE and the hub cache); "
@@ -236,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", "-t", type=float, default=0.7, help="sampling temperature; 0 = greedy (default 0.7)")
     gen.add_argument("--top-k", type=int, default=40, help="sample among the K most likely tokens (default 40; 0 = off)")
     gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (default off)")
+    _add_sampling_options(gen)
     gen.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     gen.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="compute dtype (default: the checkpoint's)"
@@ -264,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", "-t", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
     chat.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens (default off)")
     chat.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (default off)")
+    _add_sampling_options(chat)
     chat.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     chat.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="compute dtype (default: the checkpoint's)"
@@ -323,32 +372,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_generate_args(args) -> str | None:
+# Bounds of the numeric options of generate, chat and eval (the sampling options are
+# `SamplingConfig`'s, train's are `TrainConfig.check`'s).
+_BOUNDS = {
+    "max_new_tokens": (lambda v: v >= 1, ">= 1"),  # NaN fails too
+    "max_length": (lambda v: v >= 1, ">= 1"),
+    "limit": (lambda v: v > 0, "> 0 (a fraction if < 1)"),
+    "num_fewshot": (lambda v: v >= 0, ">= 0"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def _check_numbers(args) -> str | None:
     """What the API would refuse, refused on the command line before anything runs."""
-    if args.max_new_tokens < 1:
-        return f"--max-new-tokens must be >= 1, got {args.max_new_tokens}."
-    if not args.temperature >= 0:  # NaN too
-        return f"--temperature must be >= 0 (0 = greedy), got {args.temperature}."
-    if args.top_k < 0:
-        return f"--top-k must be >= 0 (0 = off), got {args.top_k}."
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-        return f"--top-p must be in (0, 1], got {args.top_p}."
+    if args.command == "train":
+        return None
+    for name, (ok, bound) in _BOUNDS.items():
+        value = getattr(args, name, None)
+        if value is not None and not ok(value):
+            return f"--{name.replace('_', '-')} must be {bound}, got {value}."
+    if hasattr(args, "temperature"):  # generate and chat
+        try:
+            _sampling_config(args)
+        except ValueError as e:
+            return str(e)
     return None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "generate":
-        problem = _check_generate_args(args)
-        if problem:
-            return _fail(problem)
+    problem = _check_numbers(args)
+    if problem:
+        return _fail(problem)
     if getattr(args, "top_k", None) == 0:
         args.top_k = None
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, MemoryError) as e:  # CheckpointError and ConfigError are ValueErrors
-        return _fail(str(e).replace("\n", " "))
+        return _fail(str(e))  # a multi-line message is a list (of changed options, say): keep its lines
     except KeyboardInterrupt:
         return 130
 

@@ -2,16 +2,23 @@
 
 `generate` left-pads the prompts to a length bucket, prefills a preallocated cache for
 the whole batch in one call, then runs every decode step inside one `lax.while_loop`
-(static shapes, so it compiles once per bucket). Sampling follows transformers'
-`generate`: temperature, then top-k, then top-p, then a categorical draw.
+(static shapes, so it compiles once per bucket). How each next token is chosen is one
+[`SamplingConfig`][] (transformers' `GenerationConfig` names), shared with `eqxlm chat` and
+the CLI; its processors run in the order transformers' `generate` builds them: the
+repetition penalty (greedy too), then, when sampling, temperature, top-k, top-p, min-p, then
+a categorical draw.
 
 **What triggers a compile** (and what does not): a new batch size, prompt-length bucket
 (`bucket_length`: powers of two from 16), `max_new_tokens` bucket (the same buckets),
 number of EOS ids, `do_sample`, `streamer`, `mesh`, or model structure/dtype. A new prompt of the
-same bucket, a new `temperature`, `top_k`, `top_p`, `key` or `max_new_tokens` inside its
-bucket reuses the compiled loop.
+same bucket, a new `temperature`, `top_k`, `top_p`, `min_p`, `repetition_penalty` (each on or
+off), `key` or `max_new_tokens` inside its bucket reuses the compiled loop: an unset
+processor runs with its identity value (top-k 0, top-p 1, min-p 0, penalty 1).
 """
 
+import dataclasses
+import math
+import numbers
 from collections.abc import Callable
 
 import equinox as eqx
@@ -34,40 +41,156 @@ def bucket_length(n: int) -> int:
     return max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
 
 
-@typecheck
-def process_logits(
-    logits: Float[Array, " vocab"],
-    temperature: Float[Array, ""] | float = 1.0,
-    top_k: Int[Array, ""] | int = 0,
-    top_p: Float[Array, ""] | float = 1.0,
-) -> Float[Array, " vocab"]:
-    """transformers' sampling warpers, in its order, for one row of logits (float32).
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
-    - temperature: `logits / temperature`;
-    - top-k (`0` = off): remove every logit below the k-th largest (ties kept);
-    - top-p (`1.0` = off): sort ascending, remove the tokens whose cumulative probability
-      is `<= 1 - top_p`, always keeping the most likely one.
 
-    Removed entries become `-inf`. All three arguments may be traced values.
+# field -> (what is valid, the test): checked once, when a SamplingConfig is made
+_VALID = {
+    "do_sample": ("True or False", lambda v: isinstance(v, bool | np.bool_)),
+    "temperature": ("a number > 0 (greedy is do_sample=False)", lambda v: _real(v) and 0 < v < math.inf),
+    "top_k": ("an int >= 1, or None (off)", lambda v: v is None or (isinstance(v, numbers.Integral) and _real(v) and v >= 1)),
+    "top_p": ("in (0, 1], or None (off)", lambda v: v is None or (_real(v) and 0 < v <= 1)),
+    "min_p": ("in [0, 1], or None (off)", lambda v: v is None or (_real(v) and 0 <= v <= 1)),
+    "repetition_penalty": ("a number > 0 (1.0 = off)", lambda v: _real(v) and 0 < v < math.inf),
+}
+
+
+class SamplingConfigError(ValueError):
+    """A [`SamplingConfig`][] field out of its range; `field`, `value` and `valid` say which,
+    what it was and what it may be (the CLI rewrites them with its option names)."""
+
+    def __init__(self, field: str, value, valid: str):
+        self.field, self.value, self.valid = field, value, valid
+        super().__init__(f"SamplingConfig: {field} must be {valid}, got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How each next token is chosen, by `generate`, `eqxlm chat` and the CLI; the fields are
+    transformers' `GenerationConfig` fields of the same names, and do the same.
+
+    - `do_sample`: `False` (the default: `SamplingConfig()` is greedy) takes the argmax;
+      `True` draws from the distribution the warpers below leave (`generate` then needs a `key`).
+    - `repetition_penalty` (`1.0` = off): every token id already in the sequence (the
+      prompt's real tokens and the tokens generated so far) has its logit divided by the
+      penalty when positive and multiplied by it when negative; greedy too. Padding
+      (attention mask 0) never counts: transformers' `generate` skips each row's leading
+      padding, and eqxlm skips a masked token anywhere in the row.
+    - Sampling only, in this order: `temperature` (> 0) divides the logits; `top_k`
+      (`None` = off) keeps the logits `>=` the k-th largest (ties kept); `top_p` (`None` =
+      off) keeps the most likely tokens until their probability reaches `top_p` (the most
+      likely always kept); `min_p` (`None` = off) keeps the tokens whose probability is at
+      least `min_p` times the most likely one's (after temperature, top-k and top-p).
+
+    Every field is checked when the config is made: a bad one raises
+    [`SamplingConfigError`][] (a `ValueError`) naming it, its value and its valid range.
     """
-    logits = logits.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        for field, (valid, ok) in _VALID.items():
+            value = getattr(self, field)
+            if not ok(value):
+                raise SamplingConfigError(field, value, valid)
+
+    def values(self) -> "SamplingValues":
+        """This config as the compiled loop takes it (see [`SamplingValues`][])."""
+        return SamplingValues(
+            temperature=np.asarray(self.temperature, np.float32),
+            top_k=np.asarray(self.top_k or 0, np.int32),
+            top_p=np.asarray(1.0 if self.top_p is None else self.top_p, np.float32),
+            min_p=np.asarray(self.min_p or 0.0, np.float32),
+            repetition_penalty=np.asarray(self.repetition_penalty, np.float32),
+            do_sample=self.do_sample,
+        )
+
+
+class SamplingValues(eqx.Module):
+    """A [`SamplingConfig`][] as it crosses `jit`: the numbers are array leaves (traced, so a
+    new value compiles nothing; an unset processor takes its identity value: `top_k` 0,
+    `top_p` 1, `min_p` 0), `do_sample` is static (it changes the code)."""
+
+    temperature: Float[Array, ""] | Float[np.ndarray, ""]
+    top_k: Int[Array, ""] | Int[np.ndarray, ""]
+    top_p: Float[Array, ""] | Float[np.ndarray, ""]
+    min_p: Float[Array, ""] | Float[np.ndarray, ""]
+    repetition_penalty: Float[Array, ""] | Float[np.ndarray, ""]
+    do_sample: bool = eqx.field(static=True, default=False)
+
+
+@typecheck
+def present(ids: Int[Array, " seq"], mask: Bool[Array, " seq"], vocab: int) -> Bool[Array, " vocab"]:
+    """Which token ids occur among the real (`mask`) entries of `ids`: what the repetition
+    penalty counts. Ids outside the vocabulary are ignored, as transformers does."""
+    return jnp.zeros(vocab, bool).at[jnp.where(mask, ids, vocab)].set(True, mode="drop")
+
+
+def _repetition_penalty(logits, seen, penalty):
+    penalized = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalized, logits)
+
+
+def _top_k(logits, top_k):
     vocab = logits.shape[0]
     ascending = jnp.sort(logits)
-    top_k = jnp.asarray(top_k, jnp.int32)
     kth = jnp.where(top_k > 0, ascending[jnp.clip(vocab - top_k, 0, vocab - 1)], -jnp.inf)
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def _top_p(logits, top_p):
     order = jnp.argsort(logits)
     cumulative = jnp.cumsum(jax.nn.softmax(logits[order]))
-    remove_sorted = (cumulative <= 1.0 - jnp.asarray(top_p, jnp.float32)).at[-1].set(False)
-    remove = jnp.zeros(vocab, bool).at[order].set(remove_sorted)
+    # top_p == 1 is off (transformers adds no warper): even a token whose probability rounds to 0 stays
+    remove_sorted = ((cumulative <= 1.0 - jnp.asarray(top_p, jnp.float32)) & (top_p < 1.0)).at[-1].set(False)
+    remove = jnp.zeros(logits.shape[0], bool).at[order].set(remove_sorted)
     return jnp.where(remove, -jnp.inf, logits)
 
 
-def _select(logits, key, do_sample, temperature, top_k, top_p):
-    """Next token of every row: argmax, or a draw from the processed distribution."""
-    if not do_sample:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    processed = jax.vmap(process_logits, in_axes=(0, None, None, None))(logits, temperature, top_k, top_p)
+def _min_p(logits, min_p):
+    probs = jax.nn.softmax(logits)
+    return jnp.where(probs < min_p * jnp.max(probs), -jnp.inf, logits)
+
+
+@typecheck
+def process_logits(
+    logits: Float[Array, " vocab"], sampling: SamplingValues, seen: Bool[Array, " vocab"] | None = None
+) -> Float[Array, " vocab"]:
+    """transformers' logits processors for one row of logits (in float32), in the order its
+    `generate` applies them for the same `GenerationConfig`:
+
+    - with `seen` (the ids in the sequence so far, see [`present`][]): the repetition penalty,
+      greedy or not;
+    - when `sampling.do_sample`: temperature, top-k, top-p, min-p.
+
+    Removed entries become `-inf`. `sampling` is `SamplingConfig(...).values()`, traced or not.
+    """
+    logits = logits.astype(jnp.float32)
+    if seen is not None:
+        logits = _repetition_penalty(logits, seen, sampling.repetition_penalty)
+    if not sampling.do_sample:
+        return logits
+    logits = logits / sampling.temperature
+    logits = _top_k(logits, sampling.top_k)
+    logits = _top_p(logits, sampling.top_p)
+    return _min_p(logits, sampling.min_p)
+
+
+@typecheck
+def select_tokens(
+    logits: Float[Array, "batch vocab"], seen: Bool[Array, "batch vocab"], key: PRNGKeyArray, sampling: SamplingValues
+) -> Int[Array, " batch"]:
+    """The next token of every row: the argmax of its processed logits (see
+    [`process_logits`][]; `seen` is each row's ids so far), or, when sampling, a draw from them."""
+    processed = jax.vmap(process_logits, in_axes=(0, None, 0))(logits, sampling, seen)
+    if not sampling.do_sample:
+        return jnp.argmax(processed, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, processed, axis=-1).astype(jnp.int32)
 
 
@@ -77,15 +200,12 @@ def _generate(
     input_ids,
     attention_mask,
     key,
-    temperature,
-    top_k,
-    top_p,
+    sampling: SamplingValues,
     eos,
     pad,
     max_new_tokens,
     *,
     buffer: int,
-    do_sample: bool,
     streamer: Callable | None,
     mesh,
     capture: bool = False,
@@ -120,8 +240,12 @@ def _generate(
 
     prefill_keys, step_keys = [], []
     logits, cache, prefilled = step_logits(input_ids, attention_mask, cache, prefill_keys)
+    # the repetition penalty counts the prompts' real tokens (the mask), never their padding
+    seen = jax.vmap(lambda i, m: present(i, m, logits.shape[-1]))(input_ids, attention_mask)
+    rows = jnp.arange(batch)
     key, sub = jax.random.split(key)
-    token = _select(logits, sub, do_sample, temperature, top_k, top_p)
+    token = select_tokens(logits, seen, sub, sampling)
+    seen = seen.at[rows, token].set(True)
     done = jnp.isin(token, eos)
     tokens = jnp.full((batch, buffer), pad, jnp.int32).at[:, 0].set(token)
     emit(token)
@@ -131,21 +255,22 @@ def _generate(
     captured = tuple(jnp.zeros((batch, buffer, *s.shape[1:]), s.dtype) for s in shapes)
 
     def cond(carry):
-        i, _, _, _, done, _, _ = carry
+        i, _, _, _, _, done, _, _ = carry
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        i, tokens, cache, token, done, key, captured = carry
+        i, tokens, cache, seen, token, done, key, captured = carry
         logits, cache, values = step_logits(token[:, None], ones, cache, step_keys)
         captured = tuple(jax.lax.dynamic_update_index_in_dim(b, v, i - 1, axis=1) for b, v in zip(captured, values, strict=True))
         key, sub = jax.random.split(key)
-        token = jnp.where(done, pad, _select(logits, sub, do_sample, temperature, top_k, top_p))
+        token = jnp.where(done, pad, select_tokens(logits, seen, sub, sampling))
+        seen = seen.at[rows, token].set(True)
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, i))
         emit(token)
-        return i + 1, tokens, cache, token, done | jnp.isin(token, eos), key, captured
+        return i + 1, tokens, cache, seen, token, done | jnp.isin(token, eos), key, captured
 
-    carry = (jnp.ones((), jnp.int32), tokens, cache, token, done, key, captured)
-    _, tokens, _, _, _, _, captured = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.ones((), jnp.int32), tokens, cache, seen, token, done, key, captured)
+    _, tokens, _, _, _, _, _, captured = jax.lax.while_loop(cond, body, carry)
     if not capture:
         return tokens
     return tokens, (tuple(prefill_keys), prefilled, tuple(step_keys), captured)
@@ -167,7 +292,7 @@ def _record_generate_captures(captures, prompt_pad: int, steps: int) -> None:
                 _taps.record(((name + suffix, -1),), v)
 
 
-def check_request(model, mask, max_new_tokens, do_sample, temperature, top_k, top_p, key=0) -> None:
+def check_request(model, mask, max_new_tokens, sampling: SamplingConfig, key=0) -> None:
     """`generate`'s checks of a request, before anything compiles (the CLI runs them before
     printing anything): `mask` is the `batch x seq` attention mask (bool numpy)."""
     if max_new_tokens < 1:
@@ -182,15 +307,8 @@ def check_request(model, mask, max_new_tokens, do_sample, temperature, top_k, to
         )
     longest = int(mask.sum(axis=1).max())
     check_length(model.config, longest + max_new_tokens, f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens})")
-    if do_sample:
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (use do_sample=False for greedy).")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k}.")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}.")
-        if key is None:
-            raise ValueError("sampling needs a key: generate(..., do_sample=True, key=jax.random.key(seed)).")
+    if sampling.do_sample and key is None:
+        raise ValueError("sampling needs a key: generate(..., sampling=SamplingConfig(do_sample=True), key=jax.random.key(0)).")
 
 
 @typecheck
@@ -205,10 +323,7 @@ def generate(
     | None = None,
     *,
     max_new_tokens: int = 64,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    sampling: SamplingConfig | None = None,
     eos_token_id: int | list[int] | tuple[int, ...] | None = None,
     pad_token_id: int | None = None,
     key: PRNGKeyArray | None = None,
@@ -225,9 +340,9 @@ def generate(
       token (default: all real); every row must end with a real token (right padding is
       refused: each row continues from its last position).
     - `max_new_tokens`: tokens to add to every row.
-    - `do_sample`: greedy (`False`) or sampling with `temperature` (> 0), `top_k`
-      (None = off) and `top_p` (None = off), drawn with `key` (required when sampling;
-      the same key gives the same tokens).
+    - `sampling`: a [`SamplingConfig`][] (default `SamplingConfig()`: greedy, no penalty):
+      greedy or sampled, with temperature, top-k, top-p, min-p and a repetition penalty. A
+      sampled config draws with `key` (required; the same key gives the same tokens).
     - `eos_token_id`: one id or several; default the checkpoint's generation config
       (`[]` disables stopping). A row that emits one is finished and holds
       `pad_token_id` (default: the config's pad id, else the first EOS id, else 0)
@@ -251,7 +366,8 @@ def generate(
     if seq == 0:
         raise ValueError("input_ids: every prompt needs at least one token (a BOS token for an empty prompt).")
     mask = np.ones((batch, seq), bool) if attention_mask is None else np.asarray(as_mask(attention_mask, (batch, seq)))
-    check_request(model, mask, max_new_tokens, do_sample, temperature, top_k, top_p, key)
+    sampling = SamplingConfig() if sampling is None else sampling
+    check_request(model, mask, max_new_tokens, sampling, key)
     key = jax.random.key(0) if key is None else key
     generation = model.generation_config
     if eos_token_id is None:
@@ -275,14 +391,11 @@ def generate(
         padded_ids,
         padded_mask,
         key,
-        np.float32(temperature),
-        np.int32(top_k or 0),
-        np.float32(1.0 if top_p is None else top_p),
+        sampling.values(),
         np.asarray(eos if eos else (-1,), np.int32),
         np.int32(pad_token_id),
         np.int32(max_new_tokens),
         buffer=bucket_length(max_new_tokens),
-        do_sample=do_sample,
         streamer=streamer,
         mesh=mesh,
         capture=capture,

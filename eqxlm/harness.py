@@ -51,7 +51,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from . import checkpoint
-from .generation import bucket_length, generate
+from .generation import SamplingConfig, bucket_length, generate
 from .tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's `hf` default when neither config nor tokenizer says
@@ -276,8 +276,17 @@ class EqxlmLM(TemplateLM):
             do_sample = bool(kwargs.pop("do_sample", False))
             temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
             top_k, top_p = kwargs.pop("top_k", None), kwargs.pop("top_p", None)
+            min_p, penalty = kwargs.pop("min_p", None), kwargs.pop("repetition_penalty", None)
             if do_sample and temperature <= 0:
                 do_sample = False
+            sampling = SamplingConfig(
+                do_sample=do_sample,
+                temperature=temperature if do_sample else 1.0,
+                top_k=int(top_k) if do_sample and top_k else None,
+                top_p=float(top_p) if do_sample and top_p is not None else None,
+                min_p=float(min_p) if do_sample and min_p is not None else None,
+                repetition_penalty=1.0 if penalty is None else float(penalty),
+            )
             contexts = {i: self._context_ids(requests[i].args[0], self.max_length - max_gen) for i in indices}
             order = sorted(indices, key=lambda i: -len(contexts[i]))
             for start in range(0, len(order), self.batch_size):
@@ -294,10 +303,7 @@ class EqxlmLM(TemplateLM):
                     ids,
                     mask,
                     max_new_tokens=max_gen,
-                    do_sample=do_sample,
-                    temperature=temperature if do_sample else 1.0,
-                    top_k=int(top_k) if do_sample and top_k else None,
-                    top_p=float(top_p) if do_sample and top_p is not None else None,
+                    sampling=sampling,
                     key=key,
                 )
                 new = np.asarray(out)[:, width:]

@@ -20,6 +20,7 @@ for families whose key map renames it (`transformer.h.3.self_attention` on BLOOM
 | `model.layers.i.self_attn.z` | each head's output before `o_proj` (`seq heads head_dim`) |
 | `model.layers.i.mlp.router_logits` | a mixture of experts' router logits (`seq experts`; patching them re-routes) |
 | `model.layers.i.mlp.routing_weights` / `selected_experts` | the top-k weights and expert indices (`seq k`) |
+| `<path>.<point>` | a point a part of the user's own declares (`eqxlm.nn.AbstractTapped`, `eqxlm.nn.tap`) |
 
 **Patches** replace a value (`value=`), add to it (`add=`, broadcasting: a steering vector
 of shape `(hidden,)` works at every step of `eqxlm.generate`), or apply a function (`fn=`).
@@ -31,11 +32,12 @@ arrays as leaves, so a hooked model is an ordinary pytree that `eqx.filter_jit`,
 `jax.vmap`, `jax.grad`, `eqxlm.generate` and `eqxlm.shard` take as they are, and
 `unhook` removes it. Points inside a module (queries, probabilities, per-head outputs, the
 middle of the residual stream) are reached by the hook passing a static `taps` callback to
-the module it wraps; without a hook that argument is None and the code path is the
-unhooked one, so **an unhooked model traces to exactly the same jaxpr** (tested). Captured
-values leave through a collector that [`run`][] opens while it traces the call (nothing
-is mutated at run time; under `lax.scan` the scanned layers return the captures as scan
-outputs, see `eqxlm.nn._taps`), which is why captures need `run` while patches need
+the module it wraps, which hands each point's value to `eqxlm.nn.tap` (a part of the user's
+own declares its points the same way: `eqxlm.nn.AbstractTapped`); without a hook that
+argument is None and the code path is the unhooked one, so **an unhooked model traces to
+exactly the same jaxpr** (tested). Captured values leave through a collector that [`run`][]
+opens while it traces the call (nothing is mutated at run time; under `lax.scan` the scanned
+layers return the captures as scan outputs, see `eqxlm.nn._taps`), which is why captures need `run` while patches need
 nothing, and why `run` goes inside a transformation, never around one begun within it
 (that is refused: its captures could not leave it). We chose this over threading named hook
 points through every call signature (TransformerLens' style) because that changes every
@@ -69,10 +71,22 @@ import jax
 import jax.numpy as jnp
 
 from . import module_paths as paths
-from .nn import AbstractPositionScheme, Attention, DecoderLayer, LayerStack, SparseMoE, _taps, linear, project
+from .nn import (
+    AbstractPositionScheme,
+    AbstractSequenceWise,
+    AbstractTapped,
+    AbstractTokenAxes,
+    AbstractTransparent,
+    Attention,
+    DecoderLayer,
+    LayerStack,
+    SparseMoE,
+    _taps,
+    linear,
+    project,
+)
 
-ATTENTION_POINTS = ("q", "k", "v", "probs", "z")
-ROUTER_POINTS = ("router_logits", "routing_weights", "selected_experts")
+ROUTER_POINTS = SparseMoE.tap_points
 LAYER_POINTS = {"resid_pre": "input", "resid_post": "output", "resid_mid": "resid_mid"}
 
 
@@ -101,7 +115,7 @@ class HookConfig:
     token_scope: bool = False
 
 
-class Hook(eqx.Module):
+class Hook(AbstractTransparent, AbstractSequenceWise):
     """A module with captures and patches at its input, output and internal points.
 
     `module` is the wrapped module (transparent to parameter names); `values` the patch
@@ -111,7 +125,6 @@ class Hook(eqx.Module):
     values: tuple[Any, ...]
     config: HookConfig = eqx.field(static=True)
     transparent_field: ClassVar[str] = "module"
-    sequence_wise: ClassVar[bool] = True
 
     def __getattr__(self, name):  # reads through to the wrapped module (`self_attn.sliding_window`)
         if name.startswith("__") or name in ("module", "values", "config"):
@@ -145,7 +158,11 @@ class Hook(eqx.Module):
         inner_points = tuple(p for p in inner_points if p not in ("input", "output"))
         module, config = self.module, self.config
         if inner_points:
-            return module(x, *args, taps=_Taps(self, inner_points), **kwargs)
+            taps = _Taps(self, inner_points)
+            whole = (AbstractSequenceWise, AbstractTokenAxes, Attention, DecoderLayer)
+            if config.token_wise or args or kwargs or isinstance(module, whole):
+                return module(x, *args, taps=taps, **kwargs)
+            return _per_token(lambda xt: module(xt, taps=taps), x)  # a part called one token at a time
         if config.token_wise and not (args or kwargs):  # one token (a projection inside an MLP)
             return project(module, x)
         if config.token_wise or args or kwargs or isinstance(module, (Attention, DecoderLayer)):
@@ -154,21 +171,8 @@ class Hook(eqx.Module):
             return linear(module, x)
         if isinstance(module, eqx.nn.Embedding):  # called by the model's `embed` with the token ids
             return module.weight[x]
-        if config.token_scope and _taps.active() and not getattr(module, "sequence_wise", False):
-            keys: list = []
-
-            def per_token(xt):  # hooks inside run per token: their captures leave the vmap as outputs
-                with _taps.collecting() as got:
-                    y = module(xt)
-                keys[:] = list(got)
-                return y, tuple(got[k] for k in keys)
-
-            y, captured = jax.vmap(per_token)(x)
-            for key, value in zip(keys, captured, strict=True):
-                _taps.record(key, value)
-            return y
-        if config.token_scope and not getattr(module, "sequence_wise", False):
-            return jax.vmap(module)(x)  # hooks inside run one token at a time, as their patches are given
+        if config.token_scope:  # never a sequence-wise MLP (`_add` refuses hooks inside one)
+            return _per_token(module, x)  # hooks inside run one token at a time, as their patches are given
         return _taps.each_token(module, x)
 
     def __call__(self, x, *args, **kwargs):
@@ -177,6 +181,24 @@ class Hook(eqx.Module):
         if isinstance(out, tuple):
             return (self._apply("output", out[0]), *out[1:])
         return self._apply("output", out)
+
+
+def _per_token(fn, x):
+    """`jax.vmap(fn)(x)`, the captures of the hooks `fn` runs leaving the vmap as its outputs."""
+    if not _taps.active():
+        return jax.vmap(fn)(x)
+    keys: list = []
+
+    def one(xt):
+        with _taps.collecting() as got:
+            y = fn(xt)
+        keys[:] = list(got)
+        return y, tuple(got[k] for k in keys)
+
+    y, captured = jax.vmap(one)(x)
+    for key, value in zip(keys, captured, strict=True):
+        _taps.record(key, value)
+    return y
 
 
 class _Taps:
@@ -210,6 +232,15 @@ def _translate(model, path: str, names: dict[str, Any]) -> str:
     )
 
 
+def _points(node) -> tuple[str, ...]:
+    """The internal points `node` declares (`eqxlm.nn.AbstractTapped`)."""
+    return node.tap_points if isinstance(node, AbstractTapped) else ()
+
+
+# eqxlm's parts with points, offered in errors also to a model that has none of them
+_TAPPED = {Attention: "an attention module", SparseMoE: "a mixture of experts"}
+
+
 def _parse(model, name: str) -> tuple[str, str]:
     """`(module name, point)` for a hook name."""
     names = paths.module_paths(model)
@@ -222,18 +253,13 @@ def _parse(model, name: str) -> tuple[str, str]:
         if not isinstance(names[module], DecoderLayer):
             raise ValueError(f"{name}: {last!r} is a point of a decoder layer, and {module} is a {type(names[module]).__name__}.")
         return module, LAYER_POINTS[last]
-    if last in ATTENTION_POINTS and point == "output" and name not in names:
+    tapped = {type(n) for n in names.values() if isinstance(n, AbstractTapped)} | set(_TAPPED)
+    kinds = sorted({_TAPPED.get(cls, f"a {cls.__name__}") for cls in tapped if last in cls.tap_points})
+    if kinds and point == "output" and name not in names:
         module = _translate(model, head, names)
-        if not isinstance(names[module], Attention):
-            raise ValueError(
-                f"{name}: {last!r} is a point of an attention module, and {module} is a {type(names[module]).__name__}."
-            )
-        return module, last
-    if last in ROUTER_POINTS and point == "output" and name not in names:
-        module = _translate(model, head, names)
-        if not isinstance(names[module], SparseMoE):
+        if last not in _points(names[module]):
             kind = type(names[module]).__name__
-            raise ValueError(f"{name}: {last!r} is a point of a mixture of experts, and {module} is a {kind}.")
+            raise ValueError(f"{name}: {last!r} is a point of {' / '.join(kinds)}, and {module} is a {kind}.")
         return module, last
     return _translate(model, name, names), point
 
@@ -262,7 +288,7 @@ def _add(model, name: str | None, where, point_override, captures: bool, patch_s
             f"`value`/`add` one token's shape (got {jnp.shape(value)}), use `fn=`, or patch the MLP's input or output."
         )
     parent = paths.getter(steps[:parent_mlp])(model) if token_wise else None
-    if token_wise and getattr(parent.module if isinstance(parent, Hook) else parent, "sequence_wise", False):
+    if token_wise and isinstance(parent.module if isinstance(parent, Hook) else parent, AbstractSequenceWise):
         raise ValueError(f"{module_name}: the MLP takes the whole sequence (a mixture of experts); hook the MLP itself.")
     getter = paths.getter(steps)
     target = getter(model)
@@ -383,23 +409,21 @@ def _per_head_weights(names: dict[str, Any], module_name: str) -> bool:
 
 
 def hook_names(model) -> list[str]:
-    """Every module name and point name `model` offers (each can be captured or patched;
-    inside a mixture of experts, which runs on the whole sequence, only its router points)."""
+    """Every module name and point name `model` offers (each can be captured or patched):
+    the points a module declares (`eqxlm.nn.AbstractTapped`) follow its name; inside a
+    mixture of experts, which runs on the whole sequence, only its router points."""
     out = []
     names = paths.module_paths(model)
-    moe = tuple(name + "." for name, node in names.items() if isinstance(node, SparseMoE))
+    # the modules inside an MLP that takes the whole sequence (a mixture of experts) are refused by `_add`
+    whole = tuple(n + "." for n, node in names.items() if n.split(".")[-1] == "mlp" and isinstance(node, AbstractSequenceWise))
     for name, node in names.items():
-        if not name or isinstance(node, (LayerStack, AbstractPositionScheme)) or name.startswith(moe):
+        if not name or isinstance(node, (LayerStack, AbstractPositionScheme)) or name.startswith(whole):
             continue
         if _per_head_weights(names, name):
             continue
         out.append(name)
-        if isinstance(node, DecoderLayer):
-            out += [f"{name}.{p}" for p in LAYER_POINTS]
-        if isinstance(node, Attention):
-            out += [f"{name}.{p}" for p in ATTENTION_POINTS]
-        if isinstance(node, SparseMoE):
-            out += [f"{name}.{p}" for p in ROUTER_POINTS]
+        points = LAYER_POINTS if isinstance(node, DecoderLayer) else _points(node)
+        out += [f"{name}.{p}" for p in points]
     return out
 
 

@@ -38,7 +38,6 @@ import math
 import os
 import re
 from collections.abc import Sequence
-from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -46,9 +45,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from . import _safetensors as st
 from . import module_paths as paths
+from .nn import AbstractTokenAxes
 from .nn._linear import affine, matmul
-from .params import KeyMap, param_refs
+from .params import CheckpointTensor, KeyMap, param_refs
 
 PEFT_PREFIX = "base_model.model."
 
@@ -89,7 +90,7 @@ class LoraConfig:
         return any(name == t or name.endswith("." + t) for t in targets)
 
 
-class LoRALinear(eqx.nn.Linear):
+class LoRALinear(eqx.nn.Linear, AbstractTokenAxes):
     """An `eqx.nn.Linear` with a low-rank adapter: `W x + b + scaling * B (A dropout(x))`.
 
     `merged` (static): the adapter is already added to `weight` (see [`merge`][])."""
@@ -100,7 +101,6 @@ class LoRALinear(eqx.nn.Linear):
     scaling: float = eqx.field(static=True)
     dropout: float = eqx.field(static=True)
     merged: bool = eqx.field(static=True)
-    token_axes: ClassVar[bool] = True  # takes one token or any leading token axes (a sequence: whole products)
 
     def __init__(
         self, base: eqx.nn.Linear, lora_A, lora_B, scaling: float, dropout: float = 0.0, merged: bool = False, dropout_key=None
@@ -159,6 +159,13 @@ def _targets(model, select=None) -> list[_Target]:
     return out
 
 
+def _stack(arrays: list):
+    """`jnp.stack`, also of `jax.ShapeDtypeStruct`s (the skeleton `load_adapter` fills)."""
+    if isinstance(arrays[0], jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((len(arrays), *arrays[0].shape), arrays[0].dtype)
+    return jnp.stack(arrays)
+
+
 def _place(model, per_part: dict[str, tuple], dropout: float):
     """Put an adapter `(a, b, scaling)` on each eqxlm projection named in `per_part`;
     scanned layers get theirs stacked (every layer of a segment, or an error)."""
@@ -183,8 +190,8 @@ def _place(model, per_part: dict[str, tuple], dropout: float):
                 )
             if len({rows[r][2] for r in range(reps)}) != 1 or len({rows[r][0].shape for r in range(reps)}) != 1:
                 raise ValueError(f"LoRA: the layers of {name}'s scanned segment need the same rank and alpha.")
-            a = jnp.stack([rows[r][0] for r in range(reps)])
-            b = jnp.stack([rows[r][1] for r in range(reps)])
+            a = _stack([rows[r][0] for r in range(reps)])
+            b = _stack([rows[r][1] for r in range(reps)])
             scaling = rows[0][2]
         else:
             a, b, scaling = rows[-1]
@@ -493,35 +500,57 @@ def read_config(directory: str) -> LoraConfig:
     )
 
 
+#: Another spelling of PEFT's tensor names (`lora_A.default.weight`, the adapter's name kept).
+PEFT_ALIASES = ((r"\.default(?=\.weight$)", ""),)
+
+
 def load_adapter(model, directory: str):
-    """`model` with the adapter PEFT (or [`save_adapter`][]) wrote in `directory`."""
-    from safetensors.numpy import load_file
+    """`model` with the adapter PEFT (or [`save_adapter`][]) wrote in `directory`.
+
+    Its tensors fill the adapters as `eqxlm.from_pretrained` fills a model
+    (`eqxlm.checkpoint.fill`): float tensors of any float dtype cast to the base weights'
+    dtype, and one `eqxlm.CheckpointError` naming every missing, unexpected, misshapen or
+    non-float tensor. Each rank is the one its `lora_A` is saved with."""
+    from .checkpoint import Expected, fill
 
     config = read_config(directory)
     path = os.path.join(directory, "adapter_model.safetensors")
-    tensors = {re.sub(r"\.default(?=\.weight$)", "", k): v for k, v in load_file(path).items()}
+    reader = st.SafetensorsFile(path)
+    saved = {}
+    for name, info in reader.entries.items():
+        for pattern, replacement in PEFT_ALIASES:
+            name = re.sub(pattern, replacement, name)
+        saved[name] = info.shape
+    if not saved:
+        raise st.CheckpointError(f"{path}: no adapter tensors.")
     modules = paths.module_paths(model)
-    per_part, used = {}, set()
+    per_part, planned = {}, []
     for target in _targets(model):
         a_key, b_key = f"{PEFT_PREFIX}{target.hf_name}.lora_A.weight", f"{PEFT_PREFIX}{target.hf_name}.lora_B.weight"
-        if a_key not in tensors:
+        if a_key not in saved and b_key not in saved:
             continue
-        a, b = tensors[a_key], tensors[b_key]
-        used.update((a_key, b_key))
-        shapes = [(modules[p].out_features, a.shape[0]) for p in target.parts]
-        if b.shape != (sum(s[0] for s in shapes), a.shape[0]) or a.shape[1] != modules[target.parts[0]].in_features:
-            raise ValueError(f"{path}: {a_key} {a.shape} / {b_key} {b.shape} do not fit {target.hf_name}.")
-        b_parts = [b] if target.fused is None else target.fused.split(b, shapes)
-        scaling = config.scaling(a.shape[0], config.alpha_of(target.hf_name))
-        dt = modules[target.parts[0]].weight.dtype
-        for part, bp in zip(target.parts, b_parts, strict=True):
-            per_part[part] = (jnp.asarray(a, dt), jnp.asarray(bp, dt), scaling)
-    unknown = sorted(set(tensors) - used)
-    if unknown:
-        raise ValueError(f"{path}: tensors that match no projection of {type(model).__name__}: {', '.join(unknown[:5])}.")
-    if not per_part:
-        raise ValueError(f"{path}: no adapter tensors.")
-    return _place(model, per_part, config.lora_dropout)
+        a_shape, b_shape = saved.get(a_key, ()), saved.get(b_key, ())
+        if len(a_shape) == 2 and a_shape[0]:  # else the config's rank, and the shapes are refused
+            r = a_shape[0]
+        else:
+            r = b_shape[1] if len(b_shape) == 2 and b_shape[1] else config.rank_of(target.hf_name)
+        first = modules[target.parts[0]]
+        dt = first.weight.dtype
+        a = jax.ShapeDtypeStruct((r, first.in_features), dt)
+        scaling = config.scaling(r, config.alpha_of(target.hf_name))
+        for part in target.parts:
+            per_part[part] = (a, jax.ShapeDtypeStruct((modules[part].out_features, r), dt), scaling)
+        planned.append((target, a_key, b_key))
+    skeleton = _place(model, per_part, config.lora_dropout)
+    refs = {ref.name: ref for ref in param_refs(skeleton)}
+    expected = []
+    for target, a_key, b_key in planned:
+        a_refs = tuple(refs[f"{part}.lora_A"] for part in target.parts)  # one A for every part
+        b_refs = tuple(refs[f"{part}.lora_B"] for part in target.parts)  # B split as the base weight
+        expected.append(Expected(CheckpointTensor(a_key, a_refs, None, False)))
+        expected.append(Expected(CheckpointTensor(b_key, b_refs, target.fused, False)))
+    against = f"the projections of {type(model).__name__}"
+    return fill(skeleton, dict.fromkeys(reader.keys(), reader), expected, source=directory, against=against, aliases=PEFT_ALIASES)
 
 
 __all__ = [

@@ -5,8 +5,8 @@ A module's **path** is its attribute path with sequence indices (`model.layers.3
 as `eqxlm.params` names parameters, so a path plus `.weight` is a parameter name. Layer `i`
 of an `eqxlm.nn.LayerStack` is `layers.i` in the scanned layout too, although its arrays
 live in a stacked block shared by every repetition of its segment. A wrapper that declares a
-`transparent_field` (an `eqxlm.inspect.Hook`, `eqxlm.training.Remat`) is not part of any path:
-the path names what it wraps.
+An `eqxlm.nn.AbstractTransparent` wrapper (an `eqxlm.inspect.Hook`, `eqxlm.training.Remat`) is
+not part of any path: the path names what it wraps.
 """
 
 import dataclasses
@@ -15,11 +15,11 @@ from typing import Any, NamedTuple
 
 import equinox as eqx
 
-from .nn import LayerStack
+from .nn import AbstractTransparent, LayerStack
 
 
 def _transparent(node) -> str | None:
-    return getattr(type(node), "transparent_field", None)
+    return node.transparent_field if isinstance(node, AbstractTransparent) else None
 
 
 def module_paths(model, prefix: str = "") -> dict[str, Any]:

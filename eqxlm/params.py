@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from .nn import LayerStack
+from .nn import AbstractStacked, AbstractTransparent, LayerStack
 
 
 class _Stack(NamedTuple):
@@ -57,15 +57,13 @@ def _template(model, path) -> list:
             parts.append(_Stack(start, period, position, reps))
             node, i = node.segments[segment][position], i + 3
             continue
-        transparent = getattr(type(node), "transparent_field", None)
-        if transparent is not None and getattr(key, "name", None) == transparent:
-            node, i = getattr(node, transparent), i + 1
+        if isinstance(node, AbstractTransparent) and getattr(key, "name", None) == node.transparent_field:
+            node, i = getattr(node, node.transparent_field), i + 1
             continue
-        stacked = getattr(type(node), "stacked_field", None)
-        if stacked is not None and getattr(key, "name", None) == stacked:
+        if isinstance(node, AbstractStacked) and getattr(key, "name", None) == node.stacked_field:
             parts.append(key.name)
             parts.append(_Stack(0, 1, 0, -1))  # the count comes from the leaf's shape
-            node, i = getattr(node, stacked), i + 1
+            node, i = getattr(node, node.stacked_field), i + 1
             continue
         if isinstance(key, jax.tree_util.GetAttrKey):
             parts.append(key.name)

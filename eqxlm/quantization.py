@@ -63,7 +63,7 @@ from jaxtyping import Array, Float, Int8
 
 from . import _safetensors as st
 from ._typing import typecheck
-from .params import param_refs
+from .params import CheckpointTensor, param_refs
 
 BITS = (8, 4)
 #: Up to this many tokens in all under `jax.vmap`, each token is a fused multiply-reduce
@@ -378,8 +378,9 @@ def load_quantized(path: str | os.PathLike, *, scan_layers: bool = False):
     file and the culprit when `quantization.json` is missing or not this format, when its
     model type differs from `config.json`'s, or when `quantized.safetensors` does not match
     the model the config and the quantization describe (missing, unexpected, misshapen or
-    wrong-dtype tensors; int values outside the bits' range)."""
-    from .checkpoint import _load_generation_config, load_config
+    wrong-dtype tensors), as `from_pretrained` fills its skeleton (`eqxlm.checkpoint.fill`):
+    float tensors read in place where they can be, stacked layers filled layer by layer."""
+    from .checkpoint import Expected, _load_generation_config, fill, load_config
     from .models._registry import lookup
 
     folder = Path(path)
@@ -418,53 +419,16 @@ def load_quantized(path: str | os.PathLike, *, scan_layers: bool = False):
         skeleton = eqx.filter_eval_shape(build)
     except ValueError as e:
         raise st.CheckpointError(f"{qfile}: does not fit config.json: {e}") from None
-    reader = st.SafetensorsFile(sfile)
-    refs = param_refs(skeleton)
-    expected = {}
-    for ref in refs:
-        shape, kind = ref.shape, st.dtype_name(ref.dtype)
-        if bits == 4 and ref.name.endswith(".qweight"):
-            shape, kind = (*shape[:-1], shape[-1] // 2), "uint8"
-        expected[ref.name] = (shape, kind)
-    problems = []
-    missing = sorted(set(expected) - set(reader.keys()))
-    unexpected = sorted(set(reader.keys()) - set(expected))
-    if missing:
-        problems.append(f"missing tensors: {st._plural(missing, 12)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {st._plural(unexpected, 12)}")
-    wrong = []
-    for name, (shape, kind) in expected.items():
-        if name in reader:
-            info = reader.entries[name]
-            stored = st.dtype_name(st.DTYPES[info.dtype][0])
-            if info.shape != tuple(shape) or stored != kind:
-                wrong.append(f"{name}: file {stored} {info.shape}, model {kind} {tuple(shape)}")
-    if wrong:
-        problems.append(f"misshapen or wrong-dtype tensors: {st._plural(wrong, 8, '; ')}")
-    if problems:
-        what = f"config.json and {QUANTIZATION_JSON} ({config.model_type}, int{bits})"
-        raise st.CheckpointError(f"{sfile}: does not match {what}:\n  " + "\n  ".join(problems))
-    leaves, treedef = jax.tree_util.tree_flatten(skeleton)
-    values = list(leaves)
-    stacked: dict[int, np.ndarray] = {}
-    qmax = _qmax(bits)
-    for ref in refs:
-        array = reader.read(ref.name)
-        if ref.name.endswith(".qweight"):
-            array = _unpack4(array) if bits == 4 else array
-            if array.size and (array.min() < -qmax - 1 or array.max() > qmax):
-                raise st.CheckpointError(f"{sfile}: tensor {ref.name}: values outside int{bits}'s [{-qmax - 1}, {qmax}].")
-        if ref.index:
-            buffer = stacked.get(ref.leaf)
-            if buffer is None:
-                buffer = stacked[ref.leaf] = np.empty(leaves[ref.leaf].shape, leaves[ref.leaf].dtype)
-            buffer[ref.index] = array
+    expected = []
+    for ref in param_refs(skeleton):
+        tensor = CheckpointTensor(ref.name, (ref,), None, False)
+        if bits == 4 and ref.name.endswith(".qweight"):  # packed two per byte
+            expected.append(Expected(tensor, "U8", (*ref.shape[:-1], ref.shape[-1] // 2), _unpack4))
         else:
-            values[ref.leaf] = jnp.asarray(array)
-    for leaf, buffer in stacked.items():
-        values[leaf] = jnp.asarray(buffer)
-    return jax.tree_util.tree_unflatten(treedef, values)
+            expected.append(Expected(tensor, st.stored_name(ref.dtype)))
+    reader = st.SafetensorsFile(sfile)
+    what = f"config.json and {QUANTIZATION_JSON} ({config.model_type}, int{bits})"
+    return fill(skeleton, dict.fromkeys(reader.keys(), reader), expected, source=folder, against=what)
 
 
 def quantized_bytes(model) -> dict[str, int]:

@@ -1,7 +1,9 @@
-"""Small, readable training utilities: loss, optimiser, a jitted step, batches, evaluation.
+"""Small, readable training utilities: loss, optimiser, a jitted step, batches, evaluation,
+and `fit`, a loop over random windows of one in-memory token array.
 
 Everything here works on any eqxlm causal LM and is what `scripts/train_default_model.py`
-and the notebooks use:
+and the notebooks use (`eqxlm train` / `eqxlm.train.run_training` is the resumable,
+multi-process run built on them):
 
     optimizer = make_optimizer(learning_rate=1e-3, total_steps=1000)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
@@ -23,6 +25,7 @@ from jaxtyping import Array, Bool, Float, Int
 from tqdm import tqdm
 
 from ._typing import typecheck
+from .nn import AbstractTransparent
 
 
 @typecheck
@@ -101,7 +104,7 @@ def make_optimizer(
     )
 
 
-class Remat(eqx.Module):
+class Remat(AbstractTransparent):
     """A layer whose activations are recomputed in the backward pass
     (`eqx.filter_checkpoint`): less memory for more compute. See `remat_layers`.
     Transparent to parameter names (`eqxlm.params`), so a wrapped model saves as is."""
@@ -124,12 +127,12 @@ def remat_layers(model):
 
 
 def unremat_layers(model):
-    """Undo [`remat_layers`][] (before saving: parameter names lose the `.layer`)."""
+    """Undo [`remat_layers`][] (parameter names are the same either way: [`Remat`][] is an
+    `eqxlm.nn.AbstractTransparent` wrapper)."""
     is_remat = lambda x: isinstance(x, Remat)  # noqa: E731
     return jax.tree.map(lambda x: x.layer if is_remat(x) else x, model, is_leaf=is_remat)
 
 
-@eqx.filter_jit(donate="all-except-first")
 def train_step(
     model,
     opt_state,
@@ -143,11 +146,24 @@ def train_step(
 ):
     """One optimiser step on a batch. **Returns:** `(model, opt_state, loss)`.
 
+    `opt_state` is donated (its buffers are reused for the returned one, so do not use it
+    again); the model and the batch are not: the batch may be fed again, and a model's frozen
+    weights may be shared with another (the base model of `eqxlm.lora.add_adapters`).
+
     With a `mesh` (a model placed by `eqxlm.shard`), the updated parameters are pinned to
     the layout of `rules` (default: the model's `partition_rules()`) so every step keeps it.
     With `trainable` (a filter for `eqx.partition`, e.g. `eqxlm.lora.trainable(model)`), only
     those leaves get gradients and updates; `opt_state` is then
     `optimizer.init(eqx.filter(model, trainable))`."""
+    kept = (model, input_ids, loss_mask, optimizer, mesh, rules, trainable)
+    return _train_step(kept, opt_state)
+
+
+# filter_jit donates either every argument or all but the first: what must survive the step
+# travels in the first.
+@eqx.filter_jit(donate="all-except-first")
+def _train_step(kept, opt_state):
+    model, input_ids, loss_mask, optimizer, mesh, rules, trainable = kept
     if trainable is None:
         loss, grads = eqx.filter_value_and_grad(batch_loss)(model, input_ids, loss_mask)
         params = eqx.filter(model, eqx.is_array)
@@ -195,7 +211,7 @@ def evaluate(model, tokens: np.ndarray, *, seq_len: int, batch_size: int = 16) -
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(count)}
 
 
-def train(
+def fit(
     model,
     tokens: np.ndarray,
     *,
@@ -215,14 +231,16 @@ def train(
     with jax.numpy_dtype_promotion("standard"):
         opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
     history = []
-    bar = tqdm(range(steps), disable=not progress, desc="train", unit="step")
+    bar = tqdm(total=steps, disable=not progress, desc="train", unit="step")
     batches = random_batches(tokens, batch_size=batch_size, seq_len=seq_len, seed=seed)
     start = time.perf_counter()
-    for step in bar:
+    for step in range(steps):
         model, opt_state, loss = train_step(model, opt_state, jnp.asarray(next(batches)), optimizer=optimizer)
+        bar.update()  # before the loss is shown, so the bar's count is the step that loss is of
         if (step + 1) % log_every == 0 or step + 1 == steps:
             loss = float(loss)
             rate = (step + 1) * batch_size * seq_len / (time.perf_counter() - start)
             history.append({"step": step + 1, "loss": loss, "tokens_per_s": rate})
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
+    bar.close()
     return (unremat_layers(model) if remat else model), history

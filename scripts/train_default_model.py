@@ -33,7 +33,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import eqxlm
-from eqxlm.training import evaluate, train
+from eqxlm.training import evaluate, fit
 
 EOS = "<|endoftext|>"
 SKIP_DIRS = {"test", "tests", "site-packages", "idlelib", "lib2to3", "__pycache__", "turtledemo", "ensurepip", "tkinter"}
@@ -170,7 +170,7 @@ def main(argv=None) -> None:
     model = eqxlm.DecoderLM(config, key=jax.random.key(args.seed))
     print(f"model: {eqxlm.parameter_count(model):,} parameters", flush=True)
     t_train = time.perf_counter()
-    model, history = train(
+    model, history = fit(
         model,
         train_ids,
         steps=args.steps,

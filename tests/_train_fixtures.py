@@ -79,3 +79,22 @@ def snapshot(folder: Path) -> dict[str, str]:
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()
     }
+
+
+class RecordingBar:
+    """A stand-in for `tqdm` that records `(count, loss shown)` at every `set_postfix`."""
+
+    shown: list[tuple[int, str]] = []
+
+    def __init__(self, iterable=None, *, total=None, initial=0, **kwargs):
+        self.n = initial
+        RecordingBar.shown = []
+
+    def update(self, n=1):
+        self.n += n
+
+    def set_postfix(self, **kwargs):
+        RecordingBar.shown.append((self.n, kwargs["loss"]))
+
+    def close(self):
+        pass

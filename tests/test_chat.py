@@ -80,6 +80,23 @@ def test_reused_cache_gives_the_same_reply_as_a_fresh_prompt(default, conversati
     assert session.turn_stats[-1].prompt_end > 64
 
 
+def test_repetition_penalty_counts_the_whole_conversation(default):
+    """With a repetition penalty, a later turn's reply (cache reused) equals `generate` with
+    the same `SamplingConfig` on the conversation's tokens prefilled at once: the penalty sees
+    every token the cache holds, both turns' prompts and replies."""
+    model, tok = default
+    sampling = eqxlm.SamplingConfig(repetition_penalty=1.5)
+    session = ChatSession(model, tok, max_new_tokens=20, sampling=sampling)
+    for question in QUESTIONS[:2]:
+        session.reply(question)
+    stats = session.turn_stats[-1]
+    prompt = np.asarray([session.history[: stats.prompt_end]], np.int32)
+    kw = dict(max_new_tokens=len(stats.generated), eos_token_id=[])
+    penalized = np.asarray(eqxlm.generate(model, prompt, sampling=sampling, **kw))[0, prompt.shape[1] :]
+    assert penalized.tolist() == stats.generated
+    assert penalized.tolist() != np.asarray(eqxlm.generate(model, prompt, **kw))[0, prompt.shape[1] :].tolist()
+
+
 def test_streams_and_compiles_once(conversation):
     _, replies, per_turn, streamed = conversation
     assert per_turn[1] == per_turn[2] == 0, per_turn  # later turns compile nothing

@@ -68,7 +68,7 @@ def test_export_of_a_random_model_round_trips_through_transformers(tmp_path):
         num_attention_heads=4,
         num_key_value_heads=2,
         tie_word_embeddings=True,
-        rope_scaling=eqxlm.nn.RopeScaling("linear", 2.0),
+        rope_scaling=eqxlm.nn.LinearScaling(2.0),
     )
     model = eqxlm.DecoderLM(config, key=jax.random.key(3))
     eqxlm.save_pretrained(model, tmp_path)
@@ -335,7 +335,7 @@ def test_missing_shard_is_named(llama_dir, tmp_path):
     "field,value,kind",
     [
         ("quantization_config", {"quant_method": "gptq"}, "llama"),
-        ("rope_scaling", {"type": "yarn", "factor": 2.0}, "llama"),
+        ("rope_scaling", {"type": "dynamic", "factor": 2.0}, "llama"),
         ("hidden_act", "xielu", "llama"),
         ("hidden_activation", "prelu", "gemma2"),
         ("activation_function", "no_such_activation", "gpt2"),
@@ -353,7 +353,7 @@ def test_unsupported_config_fields_are_refused_by_name(field, value, kind, tmp_p
     if field == "rope_scaling":
         config.pop("rope_parameters", None)
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match=field if field != "rope_scaling" else "yarn"):
+    with pytest.raises(ConfigError, match=field if field != "rope_scaling" else "dynamic"):
         eqxlm.from_pretrained(path)
 
 

@@ -61,8 +61,41 @@ def test_help_is_complete():
     text = parser.format_help()
     assert "generate" in text and "info" in text
     sub = _run("generate", "--help")
-    for flag in ("--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--dtype"):
+    for flag in ("--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--min-p", "--repetition-penalty"):
         assert flag in sub.stdout
+    assert "--seed" in sub.stdout and "--dtype" in sub.stdout
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--min-p", "1.5"], "--min-p must be in [0, 1], got 1.5."),
+        (["--repetition-penalty", "0"], "--repetition-penalty must be a number > 0 (1.0 = off), got 0.0."),
+        (["--repetition-penalty", "nan"], "--repetition-penalty must be a number > 0 (1.0 = off), got nan."),
+        (["-t", "-1"], "--temperature must be >= 0 (0 = greedy), got -1.0."),
+        (["--top-k", "-2"], "--top-k must be >= 0 (0 = off), got -2."),
+        (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0."),
+    ],
+)
+def test_sampling_options_are_checked_by_sampling_config_naming_the_option(folder, command, args, message, capsys):
+    """`generate` and `chat` build one `SamplingConfig` from their options, before loading
+    anything; its refusal comes back under the option's name."""
+    prompt = ["--prompt", "x"] if command == "generate" else []
+    assert main([command, str(folder), *prompt, *args]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == f"eqxlm: error: {message}\n"
+
+
+def test_sampling_options_reach_the_sampling_config():
+    from eqxlm import SamplingConfig
+    from eqxlm.cli import _sampling_config
+
+    parser = build_parser()
+    args = parser.parse_args(["chat", "-t", "0.8", "--top-k", "5", "--min-p", "0.1", "--repetition-penalty", "1.2"])
+    assert _sampling_config(args) == SamplingConfig(do_sample=True, temperature=0.8, top_k=5, min_p=0.1, repetition_penalty=1.2)
+    args = parser.parse_args(["generate", "-p", "x", "-t", "0", "--repetition-penalty", "1.2"])
+    assert _sampling_config(args) == SamplingConfig(top_k=40, repetition_penalty=1.2)
 
 
 @pytest.mark.parametrize(
@@ -116,3 +149,61 @@ def test_model_repr_names_the_architecture(folder):
     text = repr(eqxlm.from_pretrained(folder))
     assert text.startswith("MistralForCausalLM: DecoderLM(\n") and "f32[" in text and "Array(" not in text
     assert architecture_name(SimpleNamespace(config=None)) == "SimpleNamespace"
+# -- numeric options: `--x -1e-3` reads as `--x=-1e-3` -------------------------------------------------------
+REQUIRED = {"generate": ["--prompt", "x"], "chat": [], "eval": ["m", "--tasks", "t"], "info": [],
+            "train": ["--data", "d.txt", "--output-dir", "out"]}  # fmt: skip
+NEGATIVE_ALLOWED = {"seed"}
+
+
+def _numeric_options():
+    """(command, action) for every int or float option of every sub-command."""
+    import argparse
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    return [(name, action) for name, sub in commands.items() for action in sub._actions if action.type in (int, float)]
+
+
+def test_every_numeric_option_reads_a_negative_number_with_or_without_equals():
+    options = _numeric_options()
+    assert {name for name, _ in options} == {"generate", "chat", "eval", "train"}
+    parser = build_parser()
+    for command, action in options:
+        values = ["-3"] if action.type is int else ["-3", "-1e-3", "-.5", "-2E+1", "-inf"]
+        for flag in action.option_strings:
+            for value in values:
+                spaced = parser.parse_args([command, *REQUIRED[command], flag, value])
+                joined = parser.parse_args([command, *REQUIRED[command], f"{flag}={value}"])
+                assert spaced == joined and getattr(spaced, action.dest) == action.type(value), (command, flag, value)
+
+
+def test_every_numeric_option_refuses_a_negative_value_by_name():
+    import dataclasses
+
+    from eqxlm.cli import _check_numbers
+    from eqxlm.train import TrainConfig
+
+    parser = build_parser()
+    for command, action in _numeric_options():
+        args = parser.parse_args([command, *REQUIRED[command], action.option_strings[0], "-1"])
+        if command == "train":
+            values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+            try:
+                TrainConfig(**values).check()
+                problem = None
+            except ValueError as e:
+                problem = str(e)
+            named = f"TrainConfig.{action.dest} "
+        else:
+            problem, named = _check_numbers(args), f"--{action.dest.replace('_', '-')} "
+        if action.dest in NEGATIVE_ALLOWED:
+            assert problem is None, (command, problem)
+        else:
+            assert problem is not None and named in problem and "got -1" in problem, (command, action.dest, problem)
+
+
+def test_negative_learning_rate_gets_the_one_line_error(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["train", "--data", str(tmp_path / "d.txt"), "--output-dir", str(out), "--learning-rate", "-1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert err == "eqxlm: error: --learning-rate must be positive, got -0.001.\n"
+    assert not out.exists()

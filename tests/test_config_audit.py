@@ -175,3 +175,37 @@ def test_defaults_equal_transformers_defaults(model_type):
             assert mine.get(name) == theirs[name], (
                 f"{model_type}: default of {name}: eqxlm {mine.get(name)!r}, transformers {theirs[name]!r}"
             )
+
+
+def _tiny_raw(model_type, **fields):
+    return {**transformers.CONFIG_MAPPING[model_type](**TINY[model_type]).to_dict(), **fields}
+
+
+FAMILIES = sorted(set(TINY) & set(eqxlm.supported_model_types()))
+HEADS = [m for m in FAMILIES if "num_key_value_heads" in eqxlm.models.lookup(m)[0].hf_fields]
+LAYERED = [m for m in FAMILIES if "layer_types" in eqxlm.models.lookup(m)[0].hf_fields]
+
+
+@pytest.mark.parametrize("model_type", HEADS)
+def test_kv_heads_that_do_not_divide_the_heads_are_refused_by_name(model_type):
+    """The shared check of every family with `num_key_value_heads`: it must be >= 1 and divide
+    `num_attention_heads` (null means `num_attention_heads`, where the field allows it)."""
+    config_class = eqxlm.models.lookup(model_type)[0]
+    heads = config_class.from_hf(_tiny_raw(model_type)).num_attention_heads
+    assert config_class.from_hf(_tiny_raw(model_type, num_key_value_heads=1)).kv_heads == 1
+    for bad in (heads - 1, heads + 1, 0):
+        message = rf"num_key_value_heads \({bad}\) must divide num_attention_heads \({heads}\)"
+        with pytest.raises(eqxlm.ConfigError, match=message):
+            config_class.from_hf(_tiny_raw(model_type, num_key_value_heads=bad))
+
+
+@pytest.mark.parametrize("model_type", LAYERED)
+def test_layer_types_of_the_wrong_length_or_kind_are_refused_by_name(model_type):
+    """The shared `layer_types` check: one of `full_attention` / `sliding_attention` per layer."""
+    config_class = eqxlm.models.lookup(model_type)[0]
+    layers = config_class.from_hf(_tiny_raw(model_type)).num_hidden_layers
+    full = ["full_attention"] * layers
+    assert config_class.from_hf(_tiny_raw(model_type, layer_types=full)).types_by_layer() == tuple(full)
+    for bad in (full[:-1], full + ["full_attention"], full[:-1] + ["chunked_attention"]):
+        with pytest.raises(eqxlm.ConfigError, match=rf"layer_types: expected {layers} of"):
+            config_class.from_hf(_tiny_raw(model_type, layer_types=bad))

@@ -309,7 +309,7 @@ def test_wrong_typed_config_value_is_refused_with_the_field(bases, tmp_path):
         ({"head_dim": 8.0}, "head_dim: expected int | None, got float 8.0."),
         ({"rms_norm_eps": "1e-6"}, "rms_norm_eps: expected float, got str '1e-6'."),
         ({"eos_token_id": (1, "2")}, "eos_token_id[1]: expected int, got str '2'."),
-        ({"rope_scaling": eqxlm.nn.RopeScaling("linear", "2")}, "rope_scaling.factor: expected float | None, got str '2'."),
+        ({"rope_scaling": eqxlm.nn.LinearScaling("2")}, "rope_scaling.factor: expected float, got str '2'."),
         ({"attention_bias": 1}, "attention_bias: expected bool, got int 1."),
     ],
 )

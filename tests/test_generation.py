@@ -8,10 +8,18 @@ import pytest
 import torch
 from conftest import LOGITS_ATOL
 from hf import hf_model, save_hf, tiny_mistral
-from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+from transformers import GenerationConfig
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 import eqxlm
-from eqxlm.generation import bucket_length, process_logits
+from eqxlm import SamplingConfig
+from eqxlm.generation import SamplingConfigError, bucket_length, present, process_logits
 
 CASES = {
     "llama": ("llama", {}),
@@ -110,15 +118,15 @@ def small():
 def test_top_k_one_equals_greedy(small):
     ids = np.array([[1, 2, 3, 4]])
     greedy = eqxlm.generate(small, ids, max_new_tokens=20, eos_token_id=[])
-    sampled = eqxlm.generate(
-        small, ids, max_new_tokens=20, eos_token_id=[], do_sample=True, top_k=1, temperature=0.7, key=jax.random.key(5)
-    )
+    sampling = SamplingConfig(do_sample=True, top_k=1, temperature=0.7)
+    sampled = eqxlm.generate(small, ids, max_new_tokens=20, eos_token_id=[], sampling=sampling, key=jax.random.key(5))
     np.testing.assert_array_equal(np.asarray(sampled), np.asarray(greedy))
 
 
 def test_same_key_same_tokens_new_key_new_tokens(small):
     ids = np.array([[1, 2, 3, 4], [9, 8, 7, 6]])
-    kw = dict(max_new_tokens=24, eos_token_id=[], do_sample=True, temperature=1.5)
+    sampling = SamplingConfig(do_sample=True, temperature=1.5, min_p=0.02, repetition_penalty=1.2)
+    kw = dict(max_new_tokens=24, eos_token_id=[], sampling=sampling)
     a = eqxlm.generate(small, ids, key=jax.random.key(1), **kw)
     b = eqxlm.generate(small, ids, key=jax.random.key(1), **kw)
     c = eqxlm.generate(small, ids, key=jax.random.key(2), **kw)
@@ -126,26 +134,121 @@ def test_same_key_same_tokens_new_key_new_tokens(small):
     assert not np.array_equal(np.asarray(a), np.asarray(c))
 
 
-@pytest.mark.parametrize("top_k,top_p", [(5, None), (None, 0.3), (None, 0.9), (10, 0.5)])
-def test_warpers_match_transformers_allowed_sets(top_k, top_p):
+def _logit_rows(vocab=64, rows=24):
+    """Random logits, with rows of ties (values on a coarse grid), a row with a token whose
+    probability rounds to 0 (an unset top-p must keep it) and a row where one token dwarfs the
+    rest (min-p 0.1 keeps only it)."""
     rng = np.random.default_rng(0)
-    for _ in range(20):
-        logits = rng.normal(size=64).astype(np.float32) * 3
-        want = torch.tensor(logits)[None] / 0.8
-        if top_k:
-            want = TopKLogitsWarper(top_k)(None, want)
-        if top_p:
-            want = TopPLogitsWarper(top_p)(None, want)
-        got = process_logits(jnp.asarray(logits), 0.8, top_k or 0, top_p or 1.0)
-        np.testing.assert_array_equal(np.isfinite(np.asarray(got)), torch.isfinite(want[0]).numpy())
-        finite = np.isfinite(np.asarray(got))
-        np.testing.assert_allclose(np.asarray(got)[finite], want[0].numpy()[finite], rtol=1e-6)
+    logits = rng.normal(size=(rows, vocab)).astype(np.float32) * 3
+    logits[: rows // 3] = np.round(logits[: rows // 3])  # many exact ties, at the top too
+    logits[-2, 7] = -200.0
+    logits[-1, 5] = 40.0
+    return logits
+
+
+def _ours(logits, sampling, seen=None):
+    values = sampling.values()
+    if seen is None:
+        return np.asarray(jax.vmap(process_logits, in_axes=(0, None))(jnp.asarray(logits), values))
+    return np.asarray(jax.vmap(process_logits, in_axes=(0, None, 0))(jnp.asarray(logits), values, jnp.asarray(seen)))
+
+
+def _assert_same_logits(got, want, tied_rows_of=None):
+    """Same tokens removed, and the kept logits equal. `tied_rows_of` (the input logits): top-p
+    cuts by rank, and which of several equal logits at the cut goes follows the sort's order
+    among equal values (torch's is unspecified, eqxlm's by index), so a row with ties keeps the
+    same values, not necessarily the same ids."""
+    if tied_rows_of is not None:
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.sort(g[np.isfinite(g)]), np.sort(w[np.isfinite(w)]), rtol=1e-6, atol=0)
+        untied = np.array([len(np.unique(row)) == len(row) for row in tied_rows_of])
+        assert untied.sum() >= len(untied) // 2
+        got, want = got[untied], want[untied]
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    "sampling,warper",
+    [
+        (SamplingConfig(do_sample=True, temperature=0.7), TemperatureLogitsWarper(0.7)),
+        (SamplingConfig(do_sample=True, top_k=5), TopKLogitsWarper(5)),
+        (SamplingConfig(do_sample=True, top_p=0.3), TopPLogitsWarper(0.3)),
+        (SamplingConfig(do_sample=True, top_p=0.9), TopPLogitsWarper(0.9)),
+        (SamplingConfig(do_sample=True, min_p=0.1), MinPLogitsWarper(0.1)),
+        (SamplingConfig(do_sample=True, min_p=0.5), MinPLogitsWarper(0.5)),
+    ],
+    ids=["temperature", "top_k", "top_p_0.3", "top_p_0.9", "min_p_0.1", "min_p_0.5"],
+)
+def test_warpers_each_equal_transformers(sampling, warper):
+    logits = _logit_rows()
+    want = warper(None, torch.tensor(logits)).numpy()
+    got = _ours(logits, sampling)
+    _assert_same_logits(got, want, tied_rows_of=logits if sampling.top_p is not None else None)
+    if sampling.min_p == 0.1:
+        assert np.isfinite(want[-1]).sum() == 1  # the row where min-p keeps one token
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.6])
+def test_repetition_penalty_equals_transformers_ignoring_left_padding(penalty):
+    """Positive and negative logits of the ids present, left padding excluded as transformers'
+    `generate` excludes it (`prompt_ignore_length` = each row's leading padding). The pad id
+    occurs nowhere else in the rows, so counting it would change its logit."""
+    logits = _logit_rows(rows=6)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(1, 40, size=(6, 12))
+    ids[:, 3] = ids[:, 4]  # repeated ids are penalised once
+    mask = np.ones_like(ids)
+    for row, pads in enumerate([0, 2, 5, 0, 11, 1]):
+        ids[row, :pads], mask[row, :pads] = 0, 0
+    ignore = torch.tensor(mask).int().argmax(dim=1)  # as `_get_logits_processor` computes it
+    want = RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=ignore)(torch.tensor(ids), torch.tensor(logits))
+    seen = jax.vmap(lambda i, m: present(i, m, 64))(jnp.asarray(ids), jnp.asarray(mask, bool))
+    for sampling in (SamplingConfig(repetition_penalty=penalty), SamplingConfig(do_sample=True, repetition_penalty=penalty)):
+        _assert_same_logits(_ours(logits, sampling, seen), want.numpy())
+    assert (logits[np.asarray(seen)] < 0).any() and (logits[np.asarray(seen)] > 0).any()
+    assert not np.asarray(seen)[:, 0].any()
+
+
+@pytest.mark.parametrize("do_sample", [True, False])
+def test_processor_chain_equals_transformers_generate(do_sample):
+    """Everything set at once: the processors transformers' `generate` builds for the same
+    `GenerationConfig` (its `_get_logits_processor`, left-padded attention mask included), in
+    its order, against `process_logits`."""
+    ref = hf_model("llama", seed=1)
+    fields = dict(do_sample=do_sample, temperature=0.7, top_k=12, top_p=0.9, min_p=0.1, repetition_penalty=1.3)
+    ids, mask = _ragged(np.random.default_rng(4), batch=3, seq=20, pads=(0, 4, 9))
+    ids = np.tile(ids, (8, 1))
+    mask = np.tile(mask, (8, 1))
+    logits = np.random.default_rng(5).normal(size=(24, ref.config.vocab_size)).astype(np.float32) * 3
+    processors = ref._get_logits_processor(
+        GenerationConfig(**fields), input_ids_seq_length=20, model_kwargs={"attention_mask": torch.tensor(mask)}
+    )
+    names = [type(p).__name__ for p in processors]
+    warpers = ["TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper"]
+    assert names == ["RepetitionPenaltyLogitsProcessor", *(warpers if do_sample else [])]
+    want = processors(torch.tensor(ids), torch.tensor(logits)).numpy()
+    seen = jax.vmap(lambda i, m: present(i, m, logits.shape[1]))(jnp.asarray(ids), jnp.asarray(mask, bool))
+    _assert_same_logits(_ours(logits, SamplingConfig(**fields), seen), want)
+
+
+def test_greedy_repetition_penalty_matches_transformers(pair):
+    """Greedy with a repetition penalty, a ragged left-padded batch, 30 new tokens."""
+    name, ref, model = pair
+    ids, mask = _ragged(np.random.default_rng(2))
+    want = _hf_generate(ref, ids, mask, 30, eos_token_id=[], pad_token_id=0, repetition_penalty=3.0)
+    sampling = SamplingConfig(repetition_penalty=3.0)
+    got = np.asarray(eqxlm.generate(model, ids, mask, max_new_tokens=30, eos_token_id=[], sampling=sampling))
+    np.testing.assert_array_equal(got, want)
+    plain = np.asarray(eqxlm.generate(model, ids, mask, max_new_tokens=30, eos_token_id=[]))
+    assert not np.array_equal(got, plain)  # the penalty changed the tokens
 
 
 def test_samples_stay_in_the_allowed_set_and_follow_the_distribution():
     """The allowed set and the probabilities come from transformers' warpers and torch's
-    softmax (the oracle); the draws from eqxlm's sampling path (`_select`)."""
-    from eqxlm.generation import _select
+    softmax (the oracle); the draws from eqxlm's sampling path (`select_tokens`)."""
+    from eqxlm.generation import select_tokens
 
     raw = np.random.default_rng(1).normal(size=32).astype(np.float32) * 2
     warped = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(6)(None, torch.tensor(raw)[None] / 1.5))[0]
@@ -153,19 +256,37 @@ def test_samples_stay_in_the_allowed_set_and_follow_the_distribution():
     probs = torch.softmax(warped, -1).numpy()
     assert allowed.sum() == 4  # top-k keeps 6, top-p then 4
     logits = jnp.broadcast_to(jnp.asarray(raw), (20000, 32))
-    draws = np.asarray(_select(logits, jax.random.key(0), True, 1.5, 6, 0.8))
+    sampling = SamplingConfig(do_sample=True, temperature=1.5, top_k=6, top_p=0.8).values()
+    draws = np.asarray(select_tokens(logits, jnp.zeros((20000, 32), bool), jax.random.key(0), sampling))
     assert allowed[draws].all()
     freq = np.bincount(draws, minlength=32) / len(draws)
     assert np.abs(freq - probs).max() < 0.02
 
 
 @pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(temperature=0.0), "temperature must be a number > 0 (greedy is do_sample=False), got 0.0."),
+        (dict(top_p=0.0), "top_p must be in (0, 1], or None (off), got 0.0."),
+        (dict(top_k=0), "top_k must be an int >= 1, or None (off), got 0."),
+        (dict(top_k=2.5), "top_k must be an int >= 1, or None (off), got 2.5."),
+        (dict(min_p=1.5), "min_p must be in [0, 1], or None (off), got 1.5."),
+        (dict(repetition_penalty=0.0), "repetition_penalty must be a number > 0 (1.0 = off), got 0.0."),
+        (dict(repetition_penalty=float("nan")), "repetition_penalty must be a number > 0 (1.0 = off), got nan."),
+        (dict(do_sample="yes"), "do_sample must be True or False, got 'yes'."),
+    ],
+)
+def test_sampling_config_refuses_a_bad_field_when_made(fields, message):
+    with pytest.raises(SamplingConfigError, match="^SamplingConfig: ") as info:
+        SamplingConfig(**{"do_sample": True, **fields})
+    assert str(info.value) == "SamplingConfig: " + message
+    assert info.value.field == next(iter(fields))
+
+
+@pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(do_sample=True, temperature=0.0, key=jax.random.key(0)), "temperature"),
-        (dict(do_sample=True, top_p=0.0, key=jax.random.key(0)), "top_p"),
-        (dict(do_sample=True, top_k=0, key=jax.random.key(0)), "top_k"),
-        (dict(do_sample=True), "key"),
+        (dict(sampling=SamplingConfig(do_sample=True)), "key"),
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(max_new_tokens=61), "max_position_embeddings"),
     ],
@@ -175,7 +296,7 @@ def test_invalid_settings_raise_before_compiling(small, kwargs, match):
         eqxlm.generate(small, np.array([[1, 2, 3, 4]]), **{"max_new_tokens": 8, **kwargs})
 
 
-def test_no_recompile_for_new_prompt_temperature_or_key_in_a_bucket(small):
+def test_no_recompile_for_new_prompt_sampling_values_or_key_in_a_bucket(small):
     compiles = []
 
     def listen(event, duration, **kw):
@@ -183,11 +304,11 @@ def test_no_recompile_for_new_prompt_temperature_or_key_in_a_bucket(small):
             compiles.append(event)
 
     jax.monitoring.register_event_duration_secs_listener(listen)
-    kw = dict(max_new_tokens=10, eos_token_id=[], do_sample=True, top_k=8)
-    eqxlm.generate(small, np.array([[1, 2, 3]]), temperature=0.9, key=jax.random.key(0), **kw)
+    kw = dict(max_new_tokens=10, eos_token_id=[])
+    first = SamplingConfig(do_sample=True, temperature=0.9, top_k=8)
+    eqxlm.generate(small, np.array([[1, 2, 3]]), sampling=first, key=jax.random.key(0), **kw)
     compiles.clear()
-    eqxlm.generate(
-        small, np.array([[4, 5, 6, 7, 8]]), temperature=1.3, key=jax.random.key(9), top_p=0.7, **{**kw, "max_new_tokens": 12}
-    )
+    second = SamplingConfig(do_sample=True, temperature=1.3, top_p=0.7, min_p=0.05, repetition_penalty=1.4)
+    eqxlm.generate(small, np.array([[4, 5, 6, 7, 8]]), sampling=second, key=jax.random.key(9), **{**kw, "max_new_tokens": 12})
     assert bucket_length(3) == bucket_length(5)
     assert not [c for c in compiles], f"recompiled {len(compiles)} time(s)"

@@ -10,7 +10,7 @@ import pytest
 from hf import hf_model, run_hf, save_hf
 
 import eqxlm
-from eqxlm import inspect
+from eqxlm import inspect, nn
 from eqxlm.nn import attention_frames, feed_forward
 
 FAMILIES = {
@@ -57,7 +57,7 @@ def test_unhooked_model_traces_to_the_same_program(case):
     plain = jax.make_jaxpr(model)(ids).pretty_print()
     inner = (
         "model.layers.1.mlp:input"
-        if getattr(_layers(model)[1].mlp, "sequence_wise", False)
+        if isinstance(_layers(model)[1].mlp, nn.AbstractSequenceWise)
         else "model.layers.1.mlp.down_proj:input"
     )
     captured = inspect.capture(model, ["model.layers.0.self_attn.z", inner])
@@ -154,7 +154,7 @@ def test_queries_and_keys_after_rotary_give_the_captured_probabilities(case):
 def test_mlp_neurons_captured_inside_the_token_wise_block(case):
     _, _, model = case
     point = "model.layers.1.mlp"
-    if getattr(_layers(model)[1].mlp, "sequence_wise", False):  # a mixture of experts: hooked as a whole
+    if isinstance(_layers(model)[1].mlp, nn.AbstractSequenceWise):  # a mixture of experts: hooked as a whole
         with pytest.raises(ValueError, match="takes the whole sequence"):
             inspect.capture(model, f"{point}.experts.down_proj:input")
         return
@@ -255,7 +255,7 @@ def test_patching_inside_the_token_wise_mlp_applies_per_token(case):
     _, _, model = case
     point = "model.layers.1.mlp"
     mlp = _layers(model)[1].mlp
-    if getattr(mlp, "sequence_wise", False):  # a mixture of experts: hooked as a whole
+    if isinstance(mlp, nn.AbstractSequenceWise):  # a mixture of experts: hooked as a whole
         with pytest.raises(ValueError, match="takes the whole sequence"):
             inspect.patch(model, f"{point}.experts.down_proj:input", fn=lambda h: h.at[3].set(0.0))
         return

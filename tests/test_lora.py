@@ -15,6 +15,7 @@ import peft
 import pytest
 import torch
 from hf import hf_model, run_hf, save_hf
+from safetensors.numpy import load_file, save_file
 
 import eqxlm
 from eqxlm import lora, training
@@ -230,6 +231,75 @@ def test_adapters_go_on_a_model_whose_layers_are_rematerialised(llama, tmp_path)
     np.testing.assert_allclose(remat(ids).logits, plain(ids).logits, atol=1e-6)
     lora.save_adapter(remat, tmp_path)
     np.testing.assert_allclose(lora.load_adapter(llama, tmp_path)(ids).logits, plain(ids).logits, atol=1e-6)
+
+
+# -- adapter files get a checkpoint's checks (the one loading path, eqxlm.checkpoint.fill) --
+def _saved_adapter(llama, directory):
+    """An adapter on q_proj and v_proj (rank 4, B non-zero) saved to `directory`; its tensors."""
+    config = lora.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    lora.save_adapter(_random_b(lora.add_adapters(llama, config, key=jax.random.key(0))), directory)
+    return load_file(directory / "adapter_model.safetensors")
+
+
+LAYER = lora.PEFT_PREFIX + "model.layers."
+
+
+def test_adapter_file_problems_are_all_named_at_once(llama, tmp_path):
+    """A missing `lora_B` (its `lora_A` saved), a stray tensor and a misshapen `lora_A` are
+    one `CheckpointError` naming the file and each, as a checkpoint's are."""
+    tensors = _saved_adapter(llama, tmp_path)
+    del tensors[f"{LAYER}0.self_attn.v_proj.lora_B.weight"]
+    tensors[f"{LAYER}1.self_attn.k_proj.lora_C.weight"] = np.zeros((4, 32), np.float32)
+    tensors[f"{LAYER}1.self_attn.q_proj.lora_A.weight"] = np.zeros((4, 31), np.float32)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(eqxlm.CheckpointError) as info:
+        lora.load_adapter(llama, tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path}: adapter_model.safetensors does not match"), message
+    for line in (
+        f"missing tensors: {LAYER}0.self_attn.v_proj.lora_B.weight",
+        f"unexpected tensors: adapter_model.safetensors: {LAYER}1.self_attn.k_proj.lora_C.weight",
+        f"misshapen tensors: adapter_model.safetensors: {LAYER}1.self_attn.q_proj.lora_A.weight: file (4, 31), model (4, 32)",
+    ):
+        assert line in message, message
+    assert len(message.splitlines()) == 4
+
+
+def test_adapter_tensor_of_an_integer_dtype_is_refused_by_name(llama, tmp_path):
+    tensors = _saved_adapter(llama, tmp_path)
+    name = f"{LAYER}1.self_attn.v_proj.lora_B.weight"
+    tensors[name] = tensors[name].astype(np.int32)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(
+        eqxlm.CheckpointError, match=rf"adapter_model\.safetensors: {re.escape(name)}: stored as I32, expected a float"
+    ):
+        lora.load_adapter(llama, tmp_path)
+
+
+def test_truncated_adapter_file_names_the_file(llama, tmp_path):
+    _saved_adapter(llama, tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    file.write_bytes(file.read_bytes()[:-10])
+    with pytest.raises(eqxlm.CheckpointError, match=rf"{re.escape(str(file))}: tensor .*truncated"):
+        lora.load_adapter(llama, tmp_path)
+
+
+def test_bfloat16_adapter_file_loads_as_torch_upcasts_it(llama, tmp_path):
+    """A bfloat16 adapter (PEFT saves a bfloat16 model's adapter so) on a float32 model: the
+    adapters hold torch's float32 of the file's values, bit for bit."""
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file as save_torch
+
+    _saved_adapter(llama, tmp_path / "f32")
+    (tmp_path / "bf16").mkdir()
+    (tmp_path / "bf16" / "adapter_config.json").write_text((tmp_path / "f32" / "adapter_config.json").read_text())
+    stored = {k: v.to(torch.bfloat16) for k, v in load_torch(tmp_path / "f32" / "adapter_model.safetensors").items()}
+    save_torch(stored, tmp_path / "bf16" / "adapter_model.safetensors")
+    lora.save_adapter(lora.load_adapter(llama, tmp_path / "bf16"), tmp_path / "again")
+    again = load_torch(tmp_path / "again" / "adapter_model.safetensors")
+    assert sorted(again) == sorted(stored)
+    for name, value in stored.items():
+        assert again[name].dtype == torch.float32 and torch.equal(again[name], value.float()), name
 
 
 @pytest.mark.slow  # about a minute on two shared cores

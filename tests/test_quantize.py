@@ -236,3 +236,32 @@ def test_int4_group_size_must_divide_in_features():
         eqxlm.quantize(mlp, bits=4, group_size=8)
     quantized = eqxlm.quantize(mlp, bits=4, group_size=4)  # 4 divides both
     assert [q.scales.shape for q in quantized_layers(quantized).values()] == [(60, 16), (6, 15)]
+
+
+# -- quick: a quantized folder gets a checkpoint's checks (eqxlm.checkpoint.fill) ------------
+def test_quantized_folder_gets_the_checks_of_a_checkpoint(tmp_path, monkeypatch):
+    """`load_quantized` fills its skeleton as `from_pretrained` does: tensors in another dtype
+    are named by file with both dtypes (int4 is packed as U8), and a model that cannot fit
+    is refused before anything is read."""
+    from safetensors.numpy import load_file, save_file
+
+    eqxlm.save_quantized(eqxlm.quantize(_model("llama"), bits=4, group_size=8), tmp_path)
+    file = tmp_path / "quantized.safetensors"
+    tensors = load_file(file)
+    original = dict(tensors)
+    scales, qweight = "model.layers.1.self_attn.o_proj.scales", "model.layers.0.mlp.up_proj.qweight"
+    tensors[scales] = tensors[scales].astype(np.float16)
+    tensors[qweight] = tensors[qweight].view(np.int8)
+    save_file(tensors, file, metadata={"format": "eqxlm-weight-only/1"})
+    with pytest.raises(eqxlm.CheckpointError) as info:
+        eqxlm.load_quantized(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path}: quantized.safetensors does not match config.json and quantization.json"), message
+    assert f"quantized.safetensors: {qweight}: stored as I8, expected U8" in message, message
+    assert f"quantized.safetensors: {scales}: stored as F16, expected F32" in message, message
+    assert len(message.splitlines()) == 2
+    save_file(original, file, metadata={"format": "eqxlm-weight-only/1"})
+    monkeypatch.setattr(eqxlm._memory, "available_memory", lambda device=None: (1000, "MemAvailable in /proc/meminfo"))
+    monkeypatch.setattr(eqxlm._safetensors.SafetensorsFile, "read", lambda *a, **k: pytest.fail("read before the check"))
+    with pytest.raises(MemoryError, match=rf"{tmp_path}: its weights need 0\.00 GiB, but only 0\.00 GiB"):
+        eqxlm.load_quantized(tmp_path)

@@ -16,11 +16,11 @@ import numpy as np
 import orbax.checkpoint  # noqa: E402,F401  (in the test extra: a missing install fails, never skips)
 import pytest
 import torch
-from _train_fixtures import corpus, metrics, run_train, snapshot, tiny_llama
+from _train_fixtures import RecordingBar, corpus, metrics, run_train, snapshot, tiny_llama
 from conftest import LOGITS_ATOL
 
 import eqxlm
-from eqxlm.train import DataError, TrainConfig, TrainError, train
+from eqxlm.train import DataError, TrainConfig, TrainError, run_training
 from eqxlm.train import _loop as loop
 
 ARGS = ["--seq-len", "32", "--batch-size", "4", "--learning-rate", "3e-3", "--eval-every", "5", "--no-progress", "--no-plot"]
@@ -47,7 +47,7 @@ def _config(files, out, **kw):
 @pytest.fixture(scope="module")
 def api_run(files):
     out = files["root"] / "api"
-    run = train(_config(files, out, steps=3, eval_every=2, plot=True))
+    run = run_training(_config(files, out, steps=3, eval_every=2, plot=True))
     return out, run
 
 
@@ -85,11 +85,17 @@ def test_trainable_filter_freezes_the_rest(files, tmp_path):
         return eqx.tree_at(lambda m: m.lm_head.weight, spec, replace=True)
 
     start = eqxlm.from_pretrained(files["model"])
-    run = train(_config(files, tmp_path / "head", steps=2, eval_fraction=0.0), trainable=only_head(start))
+    run = run_training(_config(files, tmp_path / "head", steps=2, eval_fraction=0.0), trainable=only_head(start))
     done = eqxlm.from_pretrained(run.export_dir)
     for name, value in eqxlm.state_dict(done).items():
         same = np.array_equal(np.asarray(value), np.asarray(eqxlm.state_dict(start)[name]))
         assert same == (name != "lm_head.weight"), name
+
+
+def test_progress_bar_shows_each_loss_at_its_own_step(files, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "tqdm", RecordingBar)
+    run = run_training(_config(files, tmp_path / "bar", steps=3, progress=True, eval_fraction=0.0, export=False))
+    assert RecordingBar.shown == [(r["step"], f"{r['loss']:.4f}") for r in run.history]
 
 
 # -- bad input: a clear error before any compute, nothing overwritten --------------------------------------
@@ -104,7 +110,7 @@ def no_compute(monkeypatch):
 def _refused(config, error, match, folder=None):
     before = snapshot(folder) if folder is not None and folder.exists() else None
     with pytest.raises(error, match=match):
-        train(config)
+        run_training(config)
     if before is not None:
         assert snapshot(folder) == before
 
@@ -168,6 +174,21 @@ def test_resume_with_changed_options(files, api_run, no_compute):
     out, _ = api_run
     changed = _config(files, out, steps=3, eval_every=2, learning_rate=1e-2, resume=True)
     _refused(changed, TrainError, r"(?s)changed options.*learning_rate: saved 0.003, now 0.01", out)
+
+
+def test_changed_options_are_listed_one_per_line_by_the_command(files, api_run, no_compute, capsys):
+    from eqxlm.cli import main
+
+    out, _ = api_run
+    args = ["train", "--model", str(files["model"]), "--data", str(files["data"]), "--output-dir", str(out), "--seq-len", "32",
+            "--batch-size", "4", "--steps", "4", "--eval-every", "2", "--learning-rate", "1e-2", "--resume",
+            "--no-progress"]  # fmt: skip
+    assert main(args) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"eqxlm: error: cannot resume {out} with changed options (nothing was changed):",
+        "  learning_rate: saved 0.003, now 0.01",
+        "  steps: saved 3, now 4",
+    ]
 
 
 def test_checkpoint_folder_from_a_different_model(files, api_run, tmp_path, no_compute):

@@ -1,8 +1,8 @@
 """`eqxlm train` as 2 processes x 4 CPU devices (jax.distributed over localhost, gloo
 collectives) against the same run as 1 process x 8 devices.
 
-- Data parallel (`data=8`) with `--fixed-order-reductions`: every loss and the exported
-  model are bitwise equal.
+- Data parallel (`data=8`) with `--fixed-order-reductions`: every training and held-out
+  loss, every gradient norm and the exported model are bitwise equal.
 - Every axis (`data=2,fsdp=2,tensor=2`, parameters, optimiser state and batches split across
   the two processes), XLA's own all-reduces: losses within 1e-5; the exported weights differ
   by float32 rounding only (gloo's ring all-reduce adds partial sums in another order than
@@ -82,7 +82,8 @@ def test_two_processes_equal_one_process(tmp_path, mesh, bitwise):
                 assert abs(a[key] - b[key]) <= 1e-5, (a, b)
     exported = [(d / "export" / "model.safetensors").read_bytes() for d in (tmp_path / "one", multi)]
     if bitwise:
-        assert [(r["step"], r.get("loss")) for r in one] == [(r["step"], r.get("loss")) for r in two]
+        exact = ("loss", "grad_norm", "eval_loss", "eval_tokens")  # training and held-out alike
+        assert [(r["step"], *map(r.get, exact)) for r in one] == [(r["step"], *map(r.get, exact)) for r in two]
         assert exported[0] == exported[1]
     else:
         a, b = (load_file(d / "export" / "model.safetensors") for d in (tmp_path / "one", multi))

@@ -12,7 +12,7 @@ import pytest
 from _train_fixtures import REPO, corpus, tiny_llama
 
 import eqxlm
-from eqxlm.train import TrainConfig, complete_steps, train
+from eqxlm.train import TrainConfig, complete_steps, run_training
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +29,27 @@ def _config(files, out, **kw):
 
 @pytest.fixture(scope="module")
 def float32_run(files):
-    return train(_config(files, files["root"] / "f32", export=False))
+    return run_training(_config(files, files["root"] / "f32", steps=3))  # step 1 is warm-up at rate 0: two real updates
+
+
+def _update(run, files) -> np.ndarray:
+    """Every parameter's change over the run, as one vector."""
+    start, end = (eqxlm.state_dict(eqxlm.from_pretrained(p)) for p in (files["model"], run.export_dir))
+    return np.concatenate([(np.asarray(end[k]) - np.asarray(start[k])).ravel() for k in sorted(start)])
 
 
 def test_gradient_accumulation_equals_one_big_batch(files, float32_run, tmp_path):
-    four = train(_config(files, tmp_path / "four", grad_accum=4, export=False))
-    np.testing.assert_allclose([r["loss"] for r in four.history], [r["loss"] for r in float32_run.history], rtol=1e-6)
+    """The loss, the gradient's norm (before clipping) and the update all match: Adam's
+    scale invariance and clipping would hide a gradient of the wrong scale from the loss."""
+    four = run_training(_config(files, tmp_path / "four", steps=3, grad_accum=4))
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in four.history], [r[key] for r in float32_run.history], rtol=1e-6)
+    one, accumulated = _update(float32_run, files), _update(four, files)
+    assert np.linalg.norm(accumulated - one) <= 1e-4 * np.linalg.norm(one)
 
 
 def test_mixed_precision_and_remat_keep_float32_master_weights(files, float32_run, tmp_path):
-    run = train(_config(files, tmp_path / "bf16", mixed_precision=True, remat=True))
+    run = run_training(_config(files, tmp_path / "bf16", steps=3, mixed_precision=True, remat=True))
     # bfloat16 compute (8-bit mantissa): the loss agrees with float32's to bfloat16 precision.
     np.testing.assert_allclose([r["loss"] for r in run.history], [r["loss"] for r in float32_run.history], rtol=1e-2)
     assert [r["loss"] for r in run.history] != [r["loss"] for r in float32_run.history]  # it did compute in bfloat16
@@ -49,7 +60,7 @@ def test_mixed_precision_and_remat_keep_float32_master_weights(files, float32_ru
 
 def test_fresh_model_from_a_config_json_into_a_relative_folder(files, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    run = train(_config(files, "runs/fresh", model=None, model_config=str(files["model"] / "config.json"),
+    run = run_training(_config(files, "runs/fresh", model=None, model_config=str(files["model"] / "config.json"),
                         tokenizer=str(files["model"] / "tokenizer.json"), seed=3))  # fmt: skip
     model = eqxlm.from_pretrained(run.export_dir)
     assert model.config.hidden_size == 32 and (run.export_dir / "tokenizer.json").exists()

@@ -18,7 +18,7 @@ import optax
 import pytest
 
 import eqxlm
-from eqxlm import nn
+from eqxlm import inspect, nn
 from eqxlm.params import KeyMap
 
 
@@ -163,16 +163,18 @@ def test_shard_and_train_step(toy):
     np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
 
 
-# -- a part with a per-layer scalar parameter, scanned ------------------------------------
-class GainMLP(eqx.Module):
+# -- a part with a per-layer scalar parameter and an inspect point, scanned -----------------
+class GainMLP(nn.AbstractSequenceWise, nn.AbstractTapped):
     """A residual ReLU MLP whose branch is multiplied by a learned per-layer scalar `gain`
-    (shape `()`): stacked over the layers it is a vector, one entry per checkpoint tensor."""
+    (shape `()`): stacked over the layers it is a vector, one entry per checkpoint tensor.
+    It takes the whole sequence, and offers its scaled branch to `eqxlm.inspect` as `branch`."""
 
     mlp: nn.MLP
     gain: jax.Array
+    tap_points: ClassVar[tuple[str, ...]] = ("branch",)
 
-    def __call__(self, x):
-        return x + self.gain * jax.vmap(self.mlp)(x)
+    def __call__(self, x, *, taps=None):
+        return x + nn.tap(taps, "branch", self.gain * jax.vmap(self.mlp)(x))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -235,3 +237,35 @@ def test_per_layer_scalar_parameter_saves_and_loads_in_both_layouts(scan_layers,
         np.testing.assert_array_equal(value, names[name], err_msg=name)
     ids = jnp.arange(7, dtype=jnp.int32)
     np.testing.assert_allclose(np.asarray(logits_of(again, ids)), np.asarray(logits_of(model, ids)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_a_users_part_declares_a_point_that_inspect_captures_and_patches(scan_layers):
+    unrolled = GainLM(GainConfig(), key=jax.random.key(1))
+    model = eqxlm.scan_layers(unrolled) if scan_layers else unrolled  # (`build` would give every layer gain 1)
+    assert isinstance(model.model.layers, nn.LayerStack) == scan_layers
+    assert {"model.layers.1", "model.layers.1.branch", "model.layers.1.mlp.up_proj"} <= set(inspect.hook_names(model))
+    ids = jnp.arange(7, dtype=jnp.int32)
+
+    def by_hand(branch_1=None):  # the layers written out: x + gain * mlp(x)
+        x, branches, outputs = model.model.embed_tokens.weight[ids], [], []
+        for i, layer in enumerate(unrolled.model.layers):
+            branches.append(layer.gain * jax.vmap(layer.mlp)(x) if i != 1 or branch_1 is None else branch_1)
+            x = x + branches[-1]
+            outputs.append(x)
+        return x @ model.model.embed_tokens.weight.T, branches, outputs
+
+    logits, branches, outputs = by_hand()
+    hooked = inspect.capture(model, ["model.layers.1.branch", "model.layers.2.branch", "model.layers.1"])
+    out, acts = eqx.filter_jit(inspect.run)(hooked, ids)
+    wanted = {"model.layers.1.branch": branches[1], "model.layers.2.branch": branches[2], "model.layers.1": outputs[1]}
+    for name, want in wanted.items():
+        np.testing.assert_allclose(np.asarray(acts[name]), np.asarray(want), rtol=1e-6, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(logits), rtol=1e-5, atol=1e-5)
+
+    value = jnp.asarray(np.random.default_rng(0).normal(size=(7, 16)), jnp.float32)
+    patched = inspect.patch(model, "model.layers.1.branch", value=value)
+    np.testing.assert_allclose(np.asarray(logits_of(patched, ids)), np.asarray(by_hand(value)[0]), rtol=1e-5, atol=1e-5)
+    doubled = inspect.patch(model, "model.layers.1.branch", fn=lambda b: 2 * b)
+    np.testing.assert_allclose(np.asarray(logits_of(doubled, ids)), np.asarray(by_hand(2 * branches[1])[0]), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(logits_of(patched, ids)), np.asarray(logits), atol=1e-3)

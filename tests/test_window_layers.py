@@ -26,7 +26,8 @@ def test_qwen2_windows_from_max_window_layers_match_transformers(max_window_laye
     raw = {**transformers.Qwen2Config(**fields).to_dict(), "max_window_layers": max_window_layers}
     raw.pop("layer_types")
     config_class, _ = lookup("qwen2")
-    windows, types = config_class.from_hf(raw).windows_by_layer()
+    config = config_class.from_hf(raw)
+    windows, types = config.windows_by_layer(), config.types_by_layer()
     assert list(types) == list(want)
     assert windows == tuple(3 if t == "sliding_attention" else None for t in want)
 

@@ -19,6 +19,7 @@ from .._memory import check_constructor
 from .._typing import typecheck
 from ..nn import (
     MLP,
+    AbstractSequenceWise,
     ALiBi,
     Attention,
     Cache,
@@ -294,7 +295,7 @@ def embed(embedding: eqx.Module, input_ids: Int[Array, " seq"], what: str = "tok
     around one); an id outside the table is an error (never clamped)."""
     size = embedding.weight.shape[0]
     input_ids = eqx.error_if(input_ids, jnp.any((input_ids < 0) | (input_ids >= size)), f"{what} out of range [0, {size})")
-    if getattr(embedding, "sequence_wise", False):  # a hook: it captures / patches the looked-up vectors
+    if isinstance(embedding, AbstractSequenceWise):  # a hook: it captures / patches the looked-up vectors
         return embedding(input_ids)
     return embedding.weight[input_ids]
 

@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Any, ClassVar, Literal, Union
 
-from ..nn import RopeScaling
+from ..nn import RopeScaling, rope_scaling_from_hf
 from ..nn._activations import UnsupportedActivation
 
 
@@ -136,6 +136,23 @@ def _eos_tuple(value) -> tuple[int, ...] | None:
     return tuple(value) if isinstance(value, list) else (value,)
 
 
+class _FieldNames:
+    """`hf_fields` derived from the dataclass fields: each field under its own name, or the
+    Hugging Face name `hf_names` gives it (`extra` excluded). A class may set `hf_fields` itself."""
+
+    def __get__(self, obj, cls) -> dict[str, str]:
+        return _hf_fields(cls)
+
+
+@functools.cache
+def _hf_fields(cls) -> dict[str, str]:
+    return {cls.hf_names.get(f.name, f.name): f.name for f in dataclasses.fields(cls) if f.name != "extra"}
+
+
+#: The attention types a `layer_types` entry may name.
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BaseConfig:
     """What every architecture's config shares: vocabulary, special ids, initialisation,
@@ -143,8 +160,10 @@ class BaseConfig:
 
     model_type: ClassVar[str]
     architecture: ClassVar[str]
-    #: HF name -> dataclass field, for the fields this architecture handles.
-    hf_fields: ClassVar[dict[str, str]]
+    #: HF name -> dataclass field, for the fields this architecture handles: by default every
+    #: field, under its own name or the one `hf_names` (field -> HF name) gives it.
+    hf_fields = _FieldNames()
+    hf_names: ClassVar[dict[str, str]] = {}
     #: Fields on top of COMMON_IGNORED that cannot change this family's numbers, with why.
     ignored_fields: ClassVar[dict[str, str]] = {}
     #: The `config.json` field that names the MLP's activation (an unsupported one is refused by it).
@@ -168,6 +187,66 @@ class BaseConfig:
             if isinstance(value, list) and "tuple" in str(tp):
                 object.__setattr__(self, name, tuple(value))
         check_field_types(self)  # before any subclass check does arithmetic on a field
+        self._check_shared()
+
+    def _check_shared(self):
+        """The checks of fields many families share, run where the config has the field:
+        `num_key_value_heads` (>= 1, dividing `num_attention_heads`), `layer_types` (one known
+        type per layer) and `sliding_window` (>= 1 or null, where a layer uses it)."""
+        fields = _field_types(type(self))
+        if "num_key_value_heads" in fields and not (self.kv_heads >= 1 and self.num_attention_heads % self.kv_heads == 0):
+            raise ConfigError(
+                f"num_key_value_heads ({self.kv_heads}) must divide num_attention_heads ({self.num_attention_heads})."
+            )
+        if getattr(self, "layer_types", None) is not None:
+            n = self.num_hidden_layers
+            if set(self.layer_types) - set(LAYER_TYPES) or len(self.layer_types) != n:
+                raise ConfigError(f"layer_types: expected {n} of {LAYER_TYPES}, got {list(self.layer_types)}.")
+        window = getattr(self, "sliding_window", None)
+        used = getattr(self, "use_sliding_window", True) and (
+            "layer_types" not in fields or "sliding_attention" in self.types_by_layer()
+        )
+        if window is not None and window < 1 and used:
+            raise ConfigError(f"sliding_window must be >= 1 or null, got {window}.")
+
+    # -- fields many families share -----------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        """`num_key_value_heads`, None meaning `num_attention_heads`."""
+        kv = getattr(self, "num_key_value_heads", None)
+        return self.num_attention_heads if kv is None else kv
+
+    @property
+    def dim_per_head(self) -> int:
+        """`head_dim`, None (or no such field) meaning `hidden_size // num_attention_heads`."""
+        return getattr(self, "head_dim", None) or self.hidden_size // self.num_attention_heads
+
+    def layer_slides(self, i: int) -> bool:
+        """Whether layer `i` is a sliding layer when `layer_types` is absent, as the family's
+        transformers config derives it."""
+        raise NotImplementedError(f"{type(self).__name__} derives no layer_types.")
+
+    def types_by_layer(self) -> tuple[str, ...]:
+        """Each layer's attention type: `layer_types`, or as transformers derives it."""
+        return self.layer_types or tuple(
+            "sliding_attention" if self.layer_slides(i) else "full_attention" for i in range(self.num_hidden_layers)
+        )
+
+    def windows_by_layer(self) -> tuple[int | None, ...]:
+        """Each layer's attention window: `sliding_window` on sliding layers, None on the others."""
+        return tuple(self.sliding_window if t == "sliding_attention" else None for t in self.types_by_layer())
+
+    def rope_spec(self, theta: float | None = None, scaling: RopeScaling | None = None, **options):
+        """The [`RopeSpec`][eqxlm.models.RopeSpec] of `rope_theta` and `rope_scaling` (or of
+        the `theta` and `scaling` given), with what a scaling derives from
+        `max_position_embeddings` filled in; `options` as `RopeSpec`'s."""
+        from ._builder import RopeSpec
+
+        if theta is None:
+            theta, scaling = self.rope_theta, self.rope_scaling
+        if scaling is not None:
+            scaling = scaling.resolve(self.max_position_embeddings)
+        return RopeSpec(theta, scaling, **options)
 
     def check_spec(self):
         """Build the family's spec once, so a choice eqxlm lacks is refused at construction."""
@@ -204,9 +283,28 @@ class BaseConfig:
         return dict(raw)
 
     @classmethod
+    def _rope_from_hf(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        """Fold the rope fields into `rope_theta`, `rope_scaling` (and `partial_rotary_factor`),
+        for a config with those fields (see `read_rope`)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if "rope_scaling" not in fields:
+            return raw
+        partial = fields.get("partial_rotary_factor")
+        return read_rope(raw, fields["rope_theta"].default, None if partial is None else partial.default)
+
+    def _rope_to_hf(self, out: dict[str, Any]) -> dict[str, Any]:
+        """The rope fields of `out` written back as one transformers 5 `rope_parameters` dict."""
+        if "rope_scaling" in out:
+            rope = rope_to_hf(out.pop("rope_theta"), out.pop("rope_scaling"))
+            if "partial_rotary_factor" in out:
+                rope["partial_rotary_factor"] = out.pop("partial_rotary_factor")
+            out["rope_parameters"] = rope
+        return out
+
+    @classmethod
     def from_hf(cls, raw: dict[str, Any]):
         """Read a `config.json` dict. Raises `ConfigError` naming any unsupported field."""
-        raw = cls._normalise(raw)
+        raw = cls._rope_from_hf(cls._normalise(raw))
         model_type = raw.pop("model_type", cls.model_type)
         if model_type != cls.model_type:
             raise ConfigError(f"model_type: expected {cls.model_type!r}, got {model_type!r}.")
@@ -239,16 +337,21 @@ class BaseConfig:
         eos = out.get("eos_token_id")
         if eos is not None:
             out["eos_token_id"] = eos[0] if len(eos) == 1 else list(eos)
+        if "layer_types" in out:
+            out["layer_types"] = self.types_by_layer()
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in self._rope_to_hf(out).items()}
         out["model_type"] = self.model_type
         out["architectures"] = [self.architecture]
         return out
 
 
-def rope_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
+def read_rope(raw: dict[str, Any], default_theta: float, default_partial: float | None = None) -> dict[str, Any]:
     """Fold transformers 4's `rope_theta` + `rope_scaling` and transformers 5's
-    `rope_parameters` into `rope_theta` and a `RopeScaling` (or None). A `llama3` or `longrope`
-    scaling without `original_max_position_embeddings` takes `max_position_embeddings`, as
-    transformers' `standardize_rope_params` does."""
+    `rope_parameters` of `raw` into `rope_theta` (`default_theta` when absent) and a
+    `RopeScaling` (None for `default`), and, where `default_partial` is given,
+    `partial_rotary_factor` (from `rope_parameters`, else the top level, else the default).
+    A scaling with an `original_max_position_embeddings` field takes `max_position_embeddings`
+    when it lacks one, as transformers' `standardize_rope_params` does."""
     raw = dict(raw)
     params = raw.pop("rope_parameters", None) or {}
     scaling = raw.pop("rope_scaling", None) or {}
@@ -256,35 +359,30 @@ def rope_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected an object (or null), got {type(value).__name__} {value!r:.40}.")
     merged = {**scaling, **params}
-    theta = merged.pop("rope_theta", raw.get("rope_theta", 10000.0))
-    # Floats as floats; a wrong-typed value is left for the config's type check to name.
-    raw["rope_theta"] = float(theta) if isinstance(theta, int) and not isinstance(theta, bool) else theta
-    rope_type = merged.pop("rope_type", merged.pop("type", "default"))
-    if not isinstance(rope_type, str):
-        raise ConfigError(f"rope_scaling.rope_type: expected str, got {type(rope_type).__name__} {rope_type!r:.40}.")
-    if rope_type == "default" and not {k for k in merged if k != "partial_rotary_factor"}:
-        merged.pop("partial_rotary_factor", None)
-        raw["rope_scaling"] = None
-    else:
-        if rope_type == "longrope":  # a missing factor is derived from max_position_embeddings, never 1
-            merged.setdefault("factor", None)
-        if rope_type in ("llama3", "longrope") and "max_position_embeddings" in raw:
-            # transformers' `standardize_rope_params` (Phi-3 sets it from its top-level field first)
-            merged.setdefault("original_max_position_embeddings", raw["max_position_embeddings"])
-        known = {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type"}
-        unknown = sorted(set(merged) - known)
-        if unknown:
-            raise ConfigError(f"rope_scaling: unsupported field(s) {', '.join(unknown)} for rope_type {rope_type!r}.")
-        try:
-            raw["rope_scaling"] = RopeScaling(rope_type=rope_type, **merged)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    if default_partial is not None:
+        raw["partial_rotary_factor"] = merged.pop("partial_rotary_factor", raw.get("partial_rotary_factor", default_partial))
+    merged.setdefault("rope_theta", raw.get("rope_theta", default_theta))
+    raw["rope_theta"], raw["rope_scaling"] = rope_from_hf(merged, raw.get("max_position_embeddings"))
     return raw
 
 
+def rope_from_hf(params: dict[str, Any], max_position_embeddings: int | None = None) -> tuple[Any, RopeScaling | None]:
+    """One `rope_parameters` dict as (`rope_theta`, `RopeScaling` or None for `default`). A
+    `partial_rotary_factor` beside a `default` type is dropped (a family that reads it takes it
+    out first); an unsupported type or field raises `ConfigError` naming it."""
+    params = dict(params)
+    theta = params.pop("rope_theta")
+    # Floats as floats; a wrong-typed value is left for the config's type check to name.
+    theta = float(theta) if isinstance(theta, int) and not isinstance(theta, bool) else theta
+    if params.get("rope_type", params.get("type", "default")) == "default":
+        params.pop("partial_rotary_factor", None)
+    try:
+        scaling = rope_scaling_from_hf(params, max_position_embeddings=max_position_embeddings)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return theta, None if type(scaling) is RopeScaling else scaling
+
+
 def rope_to_hf(theta: float, scaling: RopeScaling | None) -> dict[str, Any]:
-    """The transformers 5 `rope_parameters` dict."""
-    out: dict[str, Any] = {"rope_theta": theta, "rope_type": "default"}
-    if scaling is not None:
-        out.update({k: v for k, v in dataclasses.asdict(scaling).items() if v is not None})
-    return out
+    """The transformers 5 `rope_parameters` dict of `theta` and `scaling`."""
+    return {"rope_theta": theta, **(scaling or RopeScaling()).to_hf()}

@@ -36,24 +36,6 @@ class BloomConfig(BaseConfig):
         "`apply_residual_connection_post_layernorm`, tied head"
     )
     refused: ClassVar[str] = "`slow_but_exact` with `pretraining_tp > 1`"
-    hf_fields: ClassVar[dict[str, str]] = {
-        name: name
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "n_layer",
-            "n_head",
-            "layer_norm_epsilon",
-            "apply_residual_connection_post_layernorm",
-            "tie_word_embeddings",
-            "initializer_range",
-            "bos_token_id",
-            "eos_token_id",
-            "pad_token_id",
-            "pretraining_tp",
-            "slow_but_exact",
-        )
-    }
     ignored_fields: ClassVar[dict[str, str]] = {
         name: "a switch of the original Megatron training code that transformers' BLOOM ignores"
         for name in (

@@ -6,12 +6,12 @@ Checkpoint names are Llama's.
 """
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ..nn import RopeScaling
 from ..params import DEFAULT_RULES
-from ._builder import DecoderSpec, NormSpec, RopeSpec
-from ._config import BaseConfig, ConfigError, rope_from_hf, rope_to_hf
+from ._builder import DecoderSpec, NormSpec
+from ._config import BaseConfig
 from ._registry import register
 
 
@@ -27,15 +27,6 @@ class CohereConfig(BaseConfig):
         "per-head-weighted q/k LayerNorms (`use_qk_norm`), logits times `logit_scale`, tied head"
     )
     refused: ClassVar[str] = "other `rope_type`s"
-    hf_fields: ClassVar[dict[str, str]] = {
-        name: name
-        for name in (
-            "vocab_size", "hidden_size", "intermediate_size", "logit_scale", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "hidden_act", "max_position_embeddings",
-            "layer_norm_eps", "rope_theta", "rope_scaling", "attention_bias", "use_qk_norm",
-            "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
-        )
-    }  # fmt: skip
 
     vocab_size: int = 256000
     hidden_size: int = 8192
@@ -56,26 +47,6 @@ class CohereConfig(BaseConfig):
     eos_token_id: tuple[int, ...] | None = (255001,)
     pad_token_id: int | None = 0
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.num_attention_heads % self.kv_heads:
-            raise ConfigError(f"num_key_value_heads ({self.kv_heads}) must divide num_attention_heads.")
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_attention_heads if self.num_key_value_heads is None else self.num_key_value_heads
-
-    @classmethod
-    def _normalise(cls, raw: dict[str, Any]) -> dict[str, Any]:
-        raw = dict(raw)
-        raw.setdefault("rope_theta", 500000.0)  # CohereConfig.default_theta
-        return rope_from_hf(raw)
-
-    def to_hf(self) -> dict[str, Any]:
-        out = super().to_hf()
-        out["rope_parameters"] = rope_to_hf(out.pop("rope_theta"), out.pop("rope_scaling"))
-        return out
-
     def decoder_spec(self) -> DecoderSpec:
         norm = NormSpec("layer", self.layer_norm_eps, bias=False)
         return DecoderSpec(
@@ -92,7 +63,7 @@ class CohereConfig(BaseConfig):
             qk_norm_spec=norm,
             parallel=True,
             parallel_norms=1,
-            rope=RopeSpec(self.rope_theta, self.rope_scaling, interleaved=True),
+            rope=self.rope_spec(interleaved=True),
             qkv_bias=self.attention_bias,
             o_bias=self.attention_bias,
             activation=self.hidden_act,

@@ -11,8 +11,8 @@ import math
 from typing import Any, ClassVar
 
 from ..nn import RopeScaling
-from ._builder import DecoderSpec, NormSpec, RopeSpec
-from ._config import BaseConfig, ConfigError, rope_from_hf, rope_to_hf
+from ._builder import DecoderSpec, NormSpec
+from ._config import BaseConfig, ConfigError
 from ._registry import register
 
 
@@ -27,15 +27,6 @@ class GemmaConfig(BaseConfig):
         "GeGLU (`gelu` read as `gelu_pytorch_tanh`), free `head_dim`, tied head"
     )
     refused: ClassVar[str] = "`use_bidirectional_attention`"
-    hf_fields: ClassVar[dict[str, str]] = {
-        name: name
-        for name in (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
-            "rope_theta", "rope_scaling", "attention_bias", "use_bidirectional_attention", "tie_word_embeddings",
-            "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
-        )
-    }  # fmt: skip
 
     vocab_size: int = 256000
     hidden_size: int = 3072
@@ -62,8 +53,6 @@ class GemmaConfig(BaseConfig):
             raise ConfigError(
                 "use_bidirectional_attention: true (an encoder-style Gemma) is not supported by eqxlm's causal models."
             )
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads.")
 
     @classmethod
     def _normalise(cls, raw: dict[str, Any]) -> dict[str, Any]:
@@ -72,12 +61,7 @@ class GemmaConfig(BaseConfig):
             raw["hidden_act"] = raw.pop("hidden_activation") or raw.get("hidden_act", "gelu_pytorch_tanh")
         if raw.get("hidden_act") == "gelu":  # legacy value of the official releases, meant as the tanh approximation
             raw["hidden_act"] = "gelu_pytorch_tanh"
-        return rope_from_hf(raw)
-
-    def to_hf(self) -> dict[str, Any]:
-        out = super().to_hf()
-        out["rope_parameters"] = rope_to_hf(out.pop("rope_theta"), out.pop("rope_scaling"))
-        return out
+        return raw
 
     def decoder_spec(self) -> DecoderSpec:
         return DecoderSpec(
@@ -91,7 +75,7 @@ class GemmaConfig(BaseConfig):
             norm=NormSpec("rms", self.rms_norm_eps, unit_offset=True, weight_in_float32=True),
             layer_windows=(None,) * self.num_hidden_layers,
             embedding_scale=math.sqrt(self.hidden_size),
-            rope=RopeSpec(self.rope_theta, self.rope_scaling),
+            rope=self.rope_spec(),
             qkv_bias=self.attention_bias,
             o_bias=self.attention_bias,
             activation=self.hidden_act,

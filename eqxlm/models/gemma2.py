@@ -12,15 +12,13 @@ builder's `post_attention_layernorm`), its `post_feedforward_layernorm` the buil
 
 import dataclasses
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ..nn import RopeScaling
 from ..params import KeyMap
-from ._builder import DecoderSpec, NormSpec, RopeSpec
-from ._config import BaseConfig, ConfigError, rope_from_hf, rope_to_hf
+from ._builder import DecoderSpec, NormSpec
+from ._config import BaseConfig, ConfigError
 from ._registry import register
-
-LAYER_TYPES = ("full_attention", "sliding_attention")
 
 #: The builder's (Llama's) names -> Gemma 2's, applied in this order.
 SANDWICH_RENAMES = (
@@ -28,17 +26,6 @@ SANDWICH_RENAMES = (
     (r"(^|\.)attn_out_norm\.", r"\1post_attention_layernorm."),
     (r"(^|\.)mlp_out_norm\.", r"\1post_feedforward_layernorm."),
 )
-
-
-def check_layer_types(layer_types, num_layers: int) -> tuple[str, ...] | None:
-    """`layer_types` as a tuple, refused by name unless it is one known type per layer."""
-    if layer_types is None:
-        return None
-    layer_types = tuple(layer_types)
-    bad = sorted(set(layer_types) - set(LAYER_TYPES))
-    if bad or len(layer_types) != num_layers:
-        raise ConfigError(f"layer_types: expected {num_layers} of {LAYER_TYPES}, got {list(layer_types)}.")
-    return layer_types
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,16 +47,6 @@ class Gemma2Config(BaseConfig):
         "cache_implementation": "a generation default of transformers (its hybrid cache), same numbers",
     }
     activation_field: ClassVar[str] = "hidden_activation"
-    hf_fields: ClassVar[dict[str, str]] = {
-        name: name
-        for name in (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "hidden_activation", "max_position_embeddings", "rms_norm_eps",
-            "rope_theta", "rope_scaling", "attention_bias", "query_pre_attn_scalar", "sliding_window", "layer_types",
-            "final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention",
-            "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
-        )
-    }  # fmt: skip
 
     vocab_size: int = 256000
     hidden_size: int = 2304
@@ -101,28 +78,9 @@ class Gemma2Config(BaseConfig):
             raise ConfigError(
                 "use_bidirectional_attention: true (an encoder-style Gemma 2) is not supported by eqxlm's causal models."
             )
-        object.__setattr__(self, "layer_types", check_layer_types(self.layer_types, self.num_hidden_layers))
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads.")
 
-    @classmethod
-    def _normalise(cls, raw: dict[str, Any]) -> dict[str, Any]:
-        return rope_from_hf(raw)
-
-    def to_hf(self) -> dict[str, Any]:
-        out = super().to_hf()
-        out["rope_parameters"] = rope_to_hf(out.pop("rope_theta"), out.pop("rope_scaling"))
-        out["layer_types"] = list(self.types_by_layer())
-        return out
-
-    def types_by_layer(self) -> tuple[str, ...]:
-        """Each layer's attention type, as `Gemma2Config.__post_init__` derives it."""
-        return self.layer_types or tuple(
-            "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(self.num_hidden_layers)
-        )
-
-    def windows_by_layer(self) -> tuple[int | None, ...]:
-        return tuple(self.sliding_window if t == "sliding_attention" else None for t in self.types_by_layer())
+    def layer_slides(self, i: int) -> bool:  # as `Gemma2Config.__post_init__`: even layers
+        return bool((i + 1) % 2)
 
     def decoder_spec(self) -> DecoderSpec:
         return DecoderSpec(
@@ -137,7 +95,7 @@ class Gemma2Config(BaseConfig):
             norms="sandwich",
             layer_windows=self.windows_by_layer(),
             embedding_scale=math.sqrt(self.hidden_size),
-            rope=RopeSpec(self.rope_theta, self.rope_scaling),
+            rope=self.rope_spec(),
             qkv_bias=self.attention_bias,
             o_bias=self.attention_bias,
             query_scale=self.query_pre_attn_scalar**-0.5,

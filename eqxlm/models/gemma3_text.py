@@ -14,10 +14,10 @@ from typing import Any, ClassVar
 
 from ..nn import RopeScaling
 from ..params import KeyMap
-from ._builder import DecoderSpec, NormSpec, RopeSpec
-from ._config import BaseConfig, ConfigError, rope_from_hf, rope_to_hf
+from ._builder import DecoderSpec, NormSpec
+from ._config import LAYER_TYPES, BaseConfig, ConfigError, rope_from_hf, rope_to_hf
 from ._registry import register
-from .gemma2 import LAYER_TYPES, SANDWICH_RENAMES, check_layer_types
+from .gemma2 import SANDWICH_RENAMES
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,17 +45,6 @@ class Gemma3TextConfig(BaseConfig):
         ),
     }
     activation_field: ClassVar[str] = "hidden_activation"
-    hf_fields: ClassVar[dict[str, str]] = {
-        name: name
-        for name in (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "hidden_activation", "max_position_embeddings", "rms_norm_eps",
-            "rope_theta", "rope_scaling", "rope_local_base_freq", "rope_local_scaling", "attention_bias",
-            "query_pre_attn_scalar", "sliding_window", "layer_types", "final_logit_softcapping",
-            "use_bidirectional_attention", "tie_word_embeddings", "initializer_range",
-            "bos_token_id", "eos_token_id", "pad_token_id",
-        )
-    }  # fmt: skip
 
     vocab_size: int = 262_208
     hidden_size: int = 2304
@@ -88,18 +77,24 @@ class Gemma3TextConfig(BaseConfig):
             raise ConfigError(
                 "use_bidirectional_attention: true (an encoder-style Gemma 3) is not supported by eqxlm's causal models."
             )
-        object.__setattr__(self, "layer_types", check_layer_types(self.layer_types, self.num_hidden_layers))
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads.")
         if self.sliding_window is None and "sliding_attention" in self.types_by_layer():
             raise ConfigError("sliding_window: null with sliding_attention layers in layer_types is not supported.")
 
     @classmethod
     def _normalise(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        """Derive `layer_types` from a legacy `sliding_window_pattern`."""
+        raw = dict(raw)
+        pattern = raw.pop("sliding_window_pattern", None)
+        if pattern is not None and raw.get("layer_types") is None:
+            layers = raw.get("num_hidden_layers", cls.num_hidden_layers)
+            raw["layer_types"] = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+        return raw
+
+    @classmethod
+    def _rope_from_hf(cls, raw: dict[str, Any]) -> dict[str, Any]:
         """Unnest `rope_parameters` as `Gemma3TextConfig.convert_rope_params_to_dict` reads it
         (a legacy `rope_scaling` updates the global layers'; a legacy `rope_theta` /
-        `rope_local_base_freq` fills a missing theta), and derive `layer_types` from a legacy
-        `sliding_window_pattern`."""
+        `rope_local_base_freq` fills a missing theta)."""
         raw = dict(raw)
         params = raw.pop("rope_parameters", None) or {}
         legacy_scaling = raw.pop("rope_scaling", None)
@@ -114,29 +109,19 @@ class Gemma3TextConfig(BaseConfig):
         full.setdefault("rope_theta", 1_000_000.0 if theta is None else theta)
         local = dict(params.get("sliding_attention") or {"rope_type": "default"})
         local.setdefault("rope_theta", 10_000.0 if local_theta is None else local_theta)
-        glob, loc = rope_from_hf({"rope_parameters": full}), rope_from_hf({"rope_parameters": local})
-        raw["rope_theta"], raw["rope_scaling"] = glob["rope_theta"], glob["rope_scaling"]
-        raw["rope_local_base_freq"], raw["rope_local_scaling"] = loc["rope_theta"], loc["rope_scaling"]
-        pattern = raw.pop("sliding_window_pattern", None)
-        if pattern is not None and raw.get("layer_types") is None:
-            layers = raw.get("num_hidden_layers", cls.num_hidden_layers)
-            raw["layer_types"] = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+        raw["rope_theta"], raw["rope_scaling"] = rope_from_hf(full)
+        raw["rope_local_base_freq"], raw["rope_local_scaling"] = rope_from_hf(local)
         return raw
 
-    def to_hf(self) -> dict[str, Any]:
-        out = super().to_hf()
+    def _rope_to_hf(self, out: dict[str, Any]) -> dict[str, Any]:
         out["rope_parameters"] = {
             "full_attention": rope_to_hf(out.pop("rope_theta"), out.pop("rope_scaling")),
             "sliding_attention": rope_to_hf(out.pop("rope_local_base_freq"), out.pop("rope_local_scaling")),
         }
-        out["layer_types"] = list(self.types_by_layer())
         return out
 
-    def types_by_layer(self) -> tuple[str, ...]:
-        """Each layer's attention type, as `Gemma3TextConfig.__post_init__` derives it."""
-        return self.layer_types or tuple(
-            "sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(self.num_hidden_layers)
-        )
+    def layer_slides(self, i: int) -> bool:  # as `Gemma3TextConfig.__post_init__`: five sliding layers to one global
+        return bool((i + 1) % 6)
 
     def decoder_spec(self) -> DecoderSpec:
         norm = NormSpec("rms", self.rms_norm_eps, unit_offset=True, weight_in_float32=True)
@@ -154,8 +139,8 @@ class Gemma3TextConfig(BaseConfig):
             qk_norm="head",
             layer_windows=tuple(self.sliding_window if t == "sliding_attention" else None for t in types),
             embedding_scale=math.sqrt(self.hidden_size),
-            rope=RopeSpec(self.rope_theta, self.rope_scaling),
-            local_rope=RopeSpec(self.rope_local_base_freq, self.rope_local_scaling),
+            rope=self.rope_spec(),
+            local_rope=self.rope_spec(self.rope_local_base_freq, self.rope_local_scaling),
             qkv_bias=self.attention_bias,
             o_bias=self.attention_bias,
             query_scale=self.query_pre_attn_scalar**-0.5,

@@ -28,15 +28,6 @@ class GPT2Config(BaseConfig):
     )
     refused: ClassVar[str] = "`reorder_and_upcast_attn`, `add_cross_attention`"
     activation_field: ClassVar[str] = "activation_function"
-    hf_fields: ClassVar[dict[str, str]] = {
-        name: name
-        for name in (
-            "vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "activation_function",
-            "layer_norm_epsilon", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
-            "reorder_and_upcast_attn", "add_cross_attention", "tie_word_embeddings", "initializer_range",
-            "bos_token_id", "eos_token_id", "pad_token_id",
-        )
-    }  # fmt: skip
     ignored_fields: ClassVar[dict[str, str]] = {
         **{name: "dropout: training only" for name in ("attn_pdrop", "embd_pdrop", "resid_pdrop", "summary_first_dropout")},
         **{

@@ -11,8 +11,8 @@ from typing import Any, ClassVar
 
 from ..nn import RopeScaling
 from ..params import Fused, KeyMap
-from ._builder import DecoderSpec, NormSpec, RopeSpec
-from ._config import BaseConfig, ConfigError, rope_from_hf, rope_to_hf
+from ._builder import DecoderSpec, NormSpec
+from ._config import BaseConfig, ConfigError
 from ._registry import register
 
 
@@ -29,15 +29,6 @@ class GPTNeoXConfig(BaseConfig):
         "fused per-head `query_key_value`, untied `embed_out`"
     )
     refused: ClassVar[str] = "other `rope_type`s"
-    hf_fields: ClassVar[dict[str, str]] = {
-        name: name
-        for name in (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "hidden_act", "max_position_embeddings", "layer_norm_eps", "rope_theta", "rope_scaling",
-            "partial_rotary_factor", "attention_bias", "use_parallel_residual", "tie_word_embeddings",
-            "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
-        )
-    }  # fmt: skip
     ignored_fields: ClassVar[dict[str, str]] = {
         "classifier_dropout": "dropout of classification heads: training only",
         "is_decoder": "GPT-NeoX is always causal in transformers' causal LM",
@@ -67,22 +58,11 @@ class GPTNeoXConfig(BaseConfig):
 
     @classmethod
     def _normalise(cls, raw: dict[str, Any]) -> dict[str, Any]:
-        raw = dict(raw)
-        params = dict(raw.get("rope_parameters") or {})
-        partial = params.pop("partial_rotary_factor", raw.pop("rotary_pct", 0.25))
+        raw = dict(raw)  # transformers 4's names (`GPTNeoXConfig` reads a top-level `rotary_pct`, not `partial_rotary_factor`)
+        raw["partial_rotary_factor"] = raw.pop("rotary_pct", 0.25)
         if "rotary_emb_base" in raw:
-            params.setdefault("rope_theta", raw.pop("rotary_emb_base"))
-        if params:
-            raw["rope_parameters"] = params
-        raw = rope_from_hf(raw)
-        raw["partial_rotary_factor"] = partial
+            raw["rope_theta"] = raw.pop("rotary_emb_base")
         return raw
-
-    def to_hf(self) -> dict[str, Any]:
-        out = super().to_hf()
-        rope = rope_to_hf(out.pop("rope_theta"), out.pop("rope_scaling"))
-        out["rope_parameters"] = {**rope, "partial_rotary_factor": out.pop("partial_rotary_factor")}
-        return out
 
     def decoder_spec(self) -> DecoderSpec:
         heads, head_dim = self.num_attention_heads, self.hidden_size // self.num_attention_heads
@@ -98,7 +78,7 @@ class GPTNeoXConfig(BaseConfig):
             layer_windows=(None,) * self.num_hidden_layers,
             parallel=self.use_parallel_residual,
             parallel_norms=2,
-            rope=RopeSpec(self.rope_theta, self.rope_scaling, fraction=self.partial_rotary_factor),
+            rope=self.rope_spec(fraction=self.partial_rotary_factor),
             qkv_bias=self.attention_bias,
             o_bias=self.attention_bias,
             mlp="plain",

@@ -6,11 +6,11 @@ reciprocal can differ in the last bit). Checkpoint names are Llama's.
 """
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ..nn import RopeScaling
-from ._builder import DecoderSpec, NormSpec, RopeSpec
-from ._config import BaseConfig, ConfigError, rope_from_hf, rope_to_hf
+from ._builder import DecoderSpec, NormSpec
+from ._config import BaseConfig, ConfigError
 from ._registry import register
 
 
@@ -26,16 +26,6 @@ class GraniteConfig(BaseConfig):
         "`residual_multiplier`, logits divided by `logits_scaling`"
     )
     refused: ClassVar[str] = "other `rope_type`s"
-    hf_fields: ClassVar[dict[str, str]] = {
-        name: name
-        for name in (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-            "rope_scaling", "attention_bias", "mlp_bias", "embedding_multiplier", "logits_scaling",
-            "residual_multiplier", "attention_multiplier", "tie_word_embeddings", "initializer_range",
-            "bos_token_id", "eos_token_id", "pad_token_id",
-        )
-    }  # fmt: skip
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -57,23 +47,8 @@ class GraniteConfig(BaseConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.num_attention_heads % self.kv_heads:
-            raise ConfigError(f"num_key_value_heads ({self.kv_heads}) must divide num_attention_heads.")
         if self.logits_scaling == 0:
             raise ConfigError("logits_scaling: the logits are divided by it; 0 is not allowed.")
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_attention_heads if self.num_key_value_heads is None else self.num_key_value_heads
-
-    @classmethod
-    def _normalise(cls, raw: dict[str, Any]) -> dict[str, Any]:
-        return rope_from_hf(raw)
-
-    def to_hf(self) -> dict[str, Any]:
-        out = super().to_hf()
-        out["rope_parameters"] = rope_to_hf(out.pop("rope_theta"), out.pop("rope_scaling"))
-        return out
 
     def decoder_spec(self) -> DecoderSpec:
         return DecoderSpec(
@@ -86,7 +61,7 @@ class GraniteConfig(BaseConfig):
             head_dim=self.hidden_size // self.num_attention_heads,
             norm=NormSpec("rms", self.rms_norm_eps),
             layer_windows=(None,) * self.num_hidden_layers,
-            rope=RopeSpec(self.rope_theta, self.rope_scaling),
+            rope=self.rope_spec(),
             qkv_bias=self.attention_bias,
             o_bias=self.attention_bias,
             query_scale=float(self.attention_multiplier),

@@ -5,11 +5,11 @@ and the key map is the identity.
 """
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ..nn import RopeScaling
-from ._builder import DecoderSpec, NormSpec, RopeSpec
-from ._config import BaseConfig, ConfigError, rope_from_hf, rope_to_hf
+from ._builder import DecoderSpec, NormSpec
+from ._config import BaseConfig
 from ._registry import register
 
 
@@ -26,34 +26,10 @@ class LlamaConfig(BaseConfig):
     model_type: ClassVar[str] = "llama"
     architecture: ClassVar[str] = "LlamaForCausalLM"
     features: ClassVar[str] = (
-        "RMSNorm, rotary (`default`, `linear`, `llama3` scaling), grouped-query attention, "
+        "RMSNorm, rotary (`default`, `linear`, `llama3`, `yarn`, `longrope` scaling), grouped-query attention, "
         "SwiGLU; optional `attention_bias`/`mlp_bias`, tied head"
     )
     refused: ClassVar[str] = "other `rope_type`s, `quantization_config`"
-    hf_fields: ClassVar[dict[str, str]] = {
-        name: name
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "hidden_act",
-            "max_position_embeddings",
-            "rms_norm_eps",
-            "rope_theta",
-            "rope_scaling",
-            "attention_bias",
-            "mlp_bias",
-            "tie_word_embeddings",
-            "initializer_range",
-            "bos_token_id",
-            "eos_token_id",
-            "pad_token_id",
-        )
-    }
     ignored_fields: ClassVar[dict[str, str]] = {
         "pretraining_tp": "transformers 5's Llama ignores it (the sliced projections of transformers 4 are gone)",
     }
@@ -73,30 +49,6 @@ class LlamaConfig(BaseConfig):
     attention_bias: bool = False
     mlp_bias: bool = False
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.num_attention_heads % self.kv_heads:
-            raise ConfigError(
-                f"num_key_value_heads ({self.kv_heads}) must divide num_attention_heads ({self.num_attention_heads})."
-            )
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_attention_heads if self.num_key_value_heads is None else self.num_key_value_heads
-
-    @property
-    def dim_per_head(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
-
-    @classmethod
-    def _normalise(cls, raw: dict[str, Any]) -> dict[str, Any]:
-        return rope_from_hf(raw)
-
-    def to_hf(self) -> dict[str, Any]:
-        out = super().to_hf()
-        out["rope_parameters"] = rope_to_hf(out.pop("rope_theta"), out.pop("rope_scaling"))
-        return out
-
     def decoder_spec(self) -> DecoderSpec:
         return DecoderSpec(
             vocab_size=self.vocab_size,
@@ -108,7 +60,7 @@ class LlamaConfig(BaseConfig):
             head_dim=self.dim_per_head,
             norm=NormSpec("rms", self.rms_norm_eps),
             layer_windows=(None,) * self.num_hidden_layers,
-            rope=RopeSpec(self.rope_theta, self.rope_scaling),
+            rope=self.rope_spec(),
             qkv_bias=self.attention_bias,
             o_bias=self.attention_bias,
             activation=self.hidden_act,

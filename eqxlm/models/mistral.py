@@ -4,11 +4,11 @@
 """
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ..nn import RopeScaling
-from ._builder import DecoderSpec, NormSpec, RopeSpec
-from ._config import BaseConfig, ConfigError, rope_from_hf, rope_to_hf
+from ._builder import DecoderSpec, NormSpec
+from ._config import BaseConfig
 from ._registry import register
 
 
@@ -24,29 +24,6 @@ class MistralConfig(BaseConfig):
     architecture: ClassVar[str] = "MistralForCausalLM"
     features: ClassVar[str] = "Llama's layout with a sliding window (`i - W < j <= i`; `null` = none), rolling O(window) cache"
     refused: ClassVar[str] = "other `rope_type`s"
-    hf_fields: ClassVar[dict[str, str]] = {
-        name: name
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "hidden_act",
-            "max_position_embeddings",
-            "rms_norm_eps",
-            "rope_theta",
-            "rope_scaling",
-            "sliding_window",
-            "tie_word_embeddings",
-            "initializer_range",
-            "bos_token_id",
-            "eos_token_id",
-            "pad_token_id",
-        )
-    }
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -62,32 +39,6 @@ class MistralConfig(BaseConfig):
     rope_scaling: RopeScaling | None = None
     sliding_window: int | None = 4096
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.num_attention_heads % self.kv_heads:
-            raise ConfigError(
-                f"num_key_value_heads ({self.kv_heads}) must divide num_attention_heads ({self.num_attention_heads})."
-            )
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise ConfigError(f"sliding_window must be >= 1 or null, got {self.sliding_window}.")
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_attention_heads if self.num_key_value_heads is None else self.num_key_value_heads
-
-    @property
-    def dim_per_head(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
-
-    @classmethod
-    def _normalise(cls, raw: dict[str, Any]) -> dict[str, Any]:
-        return rope_from_hf(raw)
-
-    def to_hf(self) -> dict[str, Any]:
-        out = super().to_hf()
-        out["rope_parameters"] = rope_to_hf(out.pop("rope_theta"), out.pop("rope_scaling"))
-        return out
-
     def decoder_spec(self) -> DecoderSpec:
         return DecoderSpec(
             vocab_size=self.vocab_size,
@@ -99,7 +50,7 @@ class MistralConfig(BaseConfig):
             head_dim=self.dim_per_head,
             norm=NormSpec("rms", self.rms_norm_eps),
             layer_windows=(self.sliding_window,) * self.num_hidden_layers,
-            rope=RopeSpec(self.rope_theta, self.rope_scaling),
+            rope=self.rope_spec(),
             activation=self.hidden_act,
             tie_word_embeddings=self.tie_word_embeddings,
             initializer_range=self.initializer_range,

@@ -5,12 +5,12 @@ renormalised to sum to one, the weights left float32 (`MixtralTopKRouter`). Chec
 tensor per expert."""
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ..nn import RopeScaling
 from ..params import KeyMap
-from ._builder import DecoderSpec, MoESpec, NormSpec, RopeSpec
-from ._config import BaseConfig, ConfigError, rope_from_hf, rope_to_hf
+from ._builder import DecoderSpec, MoESpec, NormSpec
+from ._config import BaseConfig, ConfigError
 from ._registry import register
 
 
@@ -26,16 +26,6 @@ class MixtralConfig(BaseConfig):
         "`w1`/`w2`/`w3` checkpoint tensors, optional sliding window"
     )
     refused: ClassVar[str] = "other `rope_type`s"
-    hf_fields: ClassVar[dict[str, str]] = {
-        name: name
-        for name in (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
-            "rope_theta", "rope_scaling", "sliding_window", "tie_word_embeddings", "initializer_range",
-            "bos_token_id", "eos_token_id", "pad_token_id", "num_experts_per_tok", "num_local_experts",
-            "router_aux_loss_coef",
-        )
-    }  # fmt: skip
     ignored_fields: ClassVar[dict[str, str]] = {
         "output_router_logits": "a runtime switch of transformers' forward (the aux loss is a training helper here)",
         "router_jitter_noise": "multiplicative noise applied only in transformers' training mode",
@@ -60,31 +50,10 @@ class MixtralConfig(BaseConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.num_attention_heads % self.kv_heads:
-            raise ConfigError(
-                f"num_key_value_heads ({self.kv_heads}) must divide num_attention_heads ({self.num_attention_heads})."
-            )
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise ConfigError(f"sliding_window must be >= 1 or null, got {self.sliding_window}.")
         if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
             raise ConfigError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, num_local_experts={self.num_local_experts}]."
             )
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_attention_heads if self.num_key_value_heads is None else self.num_key_value_heads
-
-    @classmethod
-    def _normalise(cls, raw: dict[str, Any]) -> dict[str, Any]:
-        raw = dict(raw)
-        raw.setdefault("rope_theta", cls.rope_theta)  # MixtralConfig.default_theta
-        return rope_from_hf(raw)
-
-    def to_hf(self) -> dict[str, Any]:
-        out = super().to_hf()
-        out["rope_parameters"] = rope_to_hf(out.pop("rope_theta"), out.pop("rope_scaling"))
-        return out
 
     def decoder_spec(self) -> DecoderSpec:
         return DecoderSpec(
@@ -97,7 +66,7 @@ class MixtralConfig(BaseConfig):
             head_dim=self.head_dim or self.hidden_size // self.num_attention_heads,
             norm=NormSpec("rms", self.rms_norm_eps),
             layer_windows=(self.sliding_window,) * self.num_hidden_layers,
-            rope=RopeSpec(self.rope_theta, self.rope_scaling),
+            rope=self.rope_spec(),
             activation=self.hidden_act,
             tie_word_embeddings=self.tie_word_embeddings,
             initializer_range=self.initializer_range,

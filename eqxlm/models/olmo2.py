@@ -9,12 +9,12 @@ builder's `attn_out_norm`), its `post_feedforward_layernorm` the builder's `mlp_
 """
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ..nn import RopeScaling
 from ..params import KeyMap
-from ._builder import DecoderSpec, NormSpec, RopeSpec
-from ._config import BaseConfig, ConfigError, rope_from_hf, rope_to_hf
+from ._builder import DecoderSpec, NormSpec
+from ._config import BaseConfig
 from ._registry import register
 
 
@@ -29,15 +29,6 @@ class Olmo2Config(BaseConfig):
         "projection before rotary, RMSNorm weight multiplied in float32, optional `attention_bias`"
     )
     refused: ClassVar[str] = "other `rope_type`s, `head_dim`"
-    hf_fields: ClassVar[dict[str, str]] = {
-        name: name
-        for name in (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-            "rope_scaling", "attention_bias", "tie_word_embeddings", "initializer_range", "bos_token_id",
-            "eos_token_id", "pad_token_id",
-        )
-    }  # fmt: skip
 
     vocab_size: int = 50304
     hidden_size: int = 4096
@@ -56,20 +47,6 @@ class Olmo2Config(BaseConfig):
     eos_token_id: tuple[int, ...] | None = (50279,)
     pad_token_id: int | None = 1
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.num_attention_heads % (self.num_key_value_heads or self.num_attention_heads):
-            raise ConfigError(f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads.")
-
-    @classmethod
-    def _normalise(cls, raw: dict[str, Any]) -> dict[str, Any]:
-        return rope_from_hf(raw)
-
-    def to_hf(self) -> dict[str, Any]:
-        out = super().to_hf()
-        out["rope_parameters"] = rope_to_hf(out.pop("rope_theta"), out.pop("rope_scaling"))
-        return out
-
     def decoder_spec(self) -> DecoderSpec:
         norm = NormSpec("rms", self.rms_norm_eps, weight_in_float32=True)
         return DecoderSpec(
@@ -78,13 +55,13 @@ class Olmo2Config(BaseConfig):
             intermediate_size=self.intermediate_size,
             num_layers=self.num_hidden_layers,
             num_heads=self.num_attention_heads,
-            num_kv_heads=self.num_key_value_heads or self.num_attention_heads,
+            num_kv_heads=self.kv_heads,
             head_dim=self.hidden_size // self.num_attention_heads,
             norm=norm,
             norms="post",
             qk_norm="full",
             layer_windows=(None,) * self.num_hidden_layers,
-            rope=RopeSpec(self.rope_theta, self.rope_scaling),
+            rope=self.rope_spec(),
             qkv_bias=self.attention_bias,
             o_bias=self.attention_bias,
             activation=self.hidden_act,

@@ -3,11 +3,11 @@ heads are split and before rotary), and sparse mixture-of-experts MLPs in every 
 softmax, top-k, not renormalised unless `norm_topk_prob` (`OlmoeTopKRouter`)."""
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ..nn import RopeScaling
-from ._builder import DecoderSpec, MoESpec, NormSpec, RopeSpec
-from ._config import BaseConfig, ConfigError, rope_from_hf, rope_to_hf
+from ._builder import DecoderSpec, MoESpec, NormSpec
+from ._config import BaseConfig, ConfigError
 from ._registry import register
 
 
@@ -22,16 +22,6 @@ class OlmoeConfig(BaseConfig):
         "RMSNorm over the whole q and k projections, sparse experts (top-k without renormalisation unless `norm_topk_prob`)"
     )
     refused: ClassVar[str] = "`clip_qkv`, other `rope_type`s"
-    hf_fields: ClassVar[dict[str, str]] = {
-        name: name
-        for name in (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-            "rope_scaling", "attention_bias", "clip_qkv", "tie_word_embeddings", "initializer_range",
-            "bos_token_id", "eos_token_id", "pad_token_id", "num_experts_per_tok", "num_experts",
-            "norm_topk_prob", "router_aux_loss_coef",
-        )
-    }  # fmt: skip
     ignored_fields: ClassVar[dict[str, str]] = {
         "output_router_logits": "a runtime switch of transformers' forward (the aux loss is a training helper here)",
     }
@@ -61,23 +51,8 @@ class OlmoeConfig(BaseConfig):
         super().__post_init__()
         if self.clip_qkv is not None:
             raise ConfigError(f"clip_qkv ({self.clip_qkv}) is not supported by eqxlm (q/k/v clamping); use null.")
-        if self.num_attention_heads % self.kv_heads:
-            raise ConfigError(f"num_key_value_heads ({self.kv_heads}) must divide num_attention_heads.")
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, num_experts={self.num_experts}].")
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_key_value_heads or self.num_attention_heads
-
-    @classmethod
-    def _normalise(cls, raw: dict[str, Any]) -> dict[str, Any]:
-        return rope_from_hf(raw)
-
-    def to_hf(self) -> dict[str, Any]:
-        out = super().to_hf()
-        out["rope_parameters"] = rope_to_hf(out.pop("rope_theta"), out.pop("rope_scaling"))
-        return out
 
     def decoder_spec(self) -> DecoderSpec:
         return DecoderSpec(
@@ -91,7 +66,7 @@ class OlmoeConfig(BaseConfig):
             norm=NormSpec("rms", self.rms_norm_eps),
             qk_norm="full",
             layer_windows=(None,) * self.num_hidden_layers,
-            rope=RopeSpec(self.rope_theta, self.rope_scaling),
+            rope=self.rope_spec(),
             qkv_bias=self.attention_bias,
             o_bias=self.attention_bias,
             activation=self.hidden_act,

@@ -8,12 +8,12 @@ Checkpoint names: `model.final_layernorm`, `self_attn.dense`, `mlp.fc1`/`mlp.fc2
 """
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ..nn import RopeScaling
 from ..params import KeyMap
-from ._builder import DecoderSpec, NormSpec, RopeSpec
-from ._config import BaseConfig, ConfigError, rope_from_hf, rope_to_hf
+from ._builder import DecoderSpec, NormSpec
+from ._config import BaseConfig, ConfigError
 from ._registry import register
 
 
@@ -29,15 +29,6 @@ class PhiConfig(BaseConfig):
         "on the head (`lm_head.bias`), optional per-head q/k LayerNorm (`qk_layernorm`)"
     )
     refused: ClassVar[str] = "other `rope_type`s, `tie_word_embeddings` (a tied head with its own bias)"
-    hf_fields: ClassVar[dict[str, str]] = {
-        name: name
-        for name in (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "hidden_act", "max_position_embeddings", "layer_norm_eps", "rope_theta",
-            "rope_scaling", "partial_rotary_factor", "qk_layernorm", "tie_word_embeddings", "initializer_range",
-            "bos_token_id", "eos_token_id", "pad_token_id",
-        )
-    }  # fmt: skip
     ignored_fields: ClassVar[dict[str, str]] = {
         "resid_pdrop": "dropout: training only",
         "embd_pdrop": "dropout: training only",
@@ -64,29 +55,6 @@ class PhiConfig(BaseConfig):
                 "tie_word_embeddings: true is not supported for phi (transformers ties lm_head.weight to the "
                 "embeddings but keeps lm_head.bias; eqxlm's tied head has no bias)."
             )
-        if self.num_attention_heads % self.kv_heads:
-            raise ConfigError(f"num_key_value_heads ({self.kv_heads}) must divide num_attention_heads.")
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_attention_heads if self.num_key_value_heads is None else self.num_key_value_heads
-
-    @classmethod
-    def _normalise(cls, raw: dict[str, Any]) -> dict[str, Any]:
-        raw = dict(raw)
-        params = dict(raw.get("rope_parameters") or {})
-        partial = params.pop("partial_rotary_factor", raw.pop("partial_rotary_factor", 0.5))
-        if params:
-            raw["rope_parameters"] = params
-        raw = rope_from_hf(raw)
-        raw["partial_rotary_factor"] = partial
-        return raw
-
-    def to_hf(self) -> dict[str, Any]:
-        out = super().to_hf()
-        rope = rope_to_hf(out.pop("rope_theta"), out.pop("rope_scaling"))
-        out["rope_parameters"] = {**rope, "partial_rotary_factor": out.pop("partial_rotary_factor")}
-        return out
 
     def decoder_spec(self) -> DecoderSpec:
         head_dim = self.hidden_size // self.num_attention_heads
@@ -105,7 +73,7 @@ class PhiConfig(BaseConfig):
             qk_norm_spec=norm,
             parallel=True,
             parallel_norms=1,
-            rope=RopeSpec(self.rope_theta, self.rope_scaling, fraction=self.partial_rotary_factor),
+            rope=self.rope_spec(fraction=self.partial_rotary_factor),
             qkv_bias=True,
             o_bias=True,
             mlp="plain",

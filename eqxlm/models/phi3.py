@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 
 from ..nn import RopeScaling
 from ..params import Fused, KeyMap
-from ._builder import DecoderSpec, NormSpec, RopeSpec
-from ._config import BaseConfig, ConfigError, rope_from_hf, rope_to_hf
+from ._builder import DecoderSpec, NormSpec
+from ._config import BaseConfig
 from ._registry import register
 
 
@@ -44,15 +44,6 @@ class Phi3Config(BaseConfig):
     refused: ClassVar[str] = (
         "other `rope_type`s; a cached call crossing `original_max_position_embeddings` under longrope"
     )
-    hf_fields: ClassVar[dict[str, str]] = {
-        name: name
-        for name in (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "hidden_act", "max_position_embeddings", "original_max_position_embeddings",
-            "rms_norm_eps", "rope_theta", "rope_scaling", "partial_rotary_factor", "sliding_window",
-            "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
-        )
-    }  # fmt: skip
     ignored_fields: ClassVar[dict[str, str]] = {
         "resid_pdrop": "dropout: training only",
         "embd_pdrop": "dropout: training only",
@@ -76,52 +67,21 @@ class Phi3Config(BaseConfig):
     eos_token_id: tuple[int, ...] | None = (32000,)
     pad_token_id: int | None = 32000
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.num_attention_heads % self.kv_heads:
-            raise ConfigError(f"num_key_value_heads ({self.kv_heads}) must divide num_attention_heads.")
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise ConfigError(f"sliding_window must be >= 1 or null, got {self.sliding_window}.")
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_attention_heads if self.num_key_value_heads is None else self.num_key_value_heads
-
     @classmethod
     def _normalise(cls, raw: dict[str, Any]) -> dict[str, Any]:
         raw = dict(raw)
         scaling, params = raw.pop("rope_scaling", None), raw.pop("rope_parameters", None)
         params = dict(scaling or params or {})  # as Phi3Config.convert_rope_params_to_dict
-        params.setdefault("rope_theta", raw.pop("rope_theta", 10000.0))
-        raw.pop("rope_theta", None)
-        partial = params.pop("partial_rotary_factor", raw.pop("partial_rotary_factor", 1.0))
         rope_type = params.pop("rope_type", params.pop("type", "default"))
-        params.pop("type", None)
         params["rope_type"] = "longrope" if rope_type in ("su", "yarn") else rope_type
         if params["rope_type"] == "longrope":
             params["original_max_position_embeddings"] = raw.get("original_max_position_embeddings", 4096)
         raw["rope_parameters"] = params
-        raw = rope_from_hf(raw)
-        raw["partial_rotary_factor"] = partial
         return raw
-
-    def to_hf(self) -> dict[str, Any]:
-        out = super().to_hf()
-        rope = rope_to_hf(out.pop("rope_theta"), out.pop("rope_scaling"))
-        out["rope_parameters"] = {**rope, "partial_rotary_factor": out.pop("partial_rotary_factor")}
-        return out
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
-
-    def rope_spec(self) -> RopeSpec:
-        scaling = self.rope_scaling
-        if scaling is not None and scaling.rope_type == "longrope" and scaling.factor is None:
-            # `_compute_longrope_parameters`: factor = max_position_embeddings / original_max_position_embeddings
-            factor = self.max_position_embeddings / scaling.original_max_position_embeddings
-            scaling = dataclasses.replace(scaling, factor=factor)
-        return RopeSpec(self.rope_theta, scaling, fraction=self.partial_rotary_factor)
 
     def decoder_spec(self) -> DecoderSpec:
         return DecoderSpec(
@@ -134,7 +94,7 @@ class Phi3Config(BaseConfig):
             head_dim=self.head_dim,
             norm=NormSpec("rms", self.rms_norm_eps),
             layer_windows=(self.sliding_window,) * self.num_hidden_layers,
-            rope=self.rope_spec(),
+            rope=self.rope_spec(fraction=self.partial_rotary_factor),
             activation=self.hidden_act,
             tie_word_embeddings=self.tie_word_embeddings,
             initializer_range=self.initializer_range,

@@ -3,14 +3,12 @@ sliding-window attention on the layers the config's `layer_types` marks (older c
 layers at or above `max_window_layers` when `use_sliding_window` is set)."""
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ..nn import RopeScaling
-from ._builder import DecoderSpec, NormSpec, RopeSpec
-from ._config import BaseConfig, ConfigError, rope_from_hf, rope_to_hf
+from ._builder import DecoderSpec, NormSpec
+from ._config import BaseConfig
 from ._registry import register
-
-LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -26,15 +24,6 @@ class Qwen2Config(BaseConfig):
         "sliding windows on the layers `layer_types` (or `max_window_layers`) marks"
     )
     refused: ClassVar[str] = "other `rope_type`s"
-    hf_fields: ClassVar[dict[str, str]] = {
-        name: name
-        for name in (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-            "rope_scaling", "use_sliding_window", "sliding_window", "max_window_layers", "layer_types",
-            "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
-        )
-    }  # fmt: skip
 
     vocab_size: int = 151936
     hidden_size: int = 4096
@@ -58,48 +47,22 @@ class Qwen2Config(BaseConfig):
         super().__post_init__()
         if not self.use_sliding_window:  # as `Qwen2Config.__post_init__`
             object.__setattr__(self, "sliding_window", None)
-        if self.layer_types is not None:
-            object.__setattr__(self, "layer_types", tuple(self.layer_types))
-            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
-            if bad or len(self.layer_types) != self.num_hidden_layers:
-                raise ConfigError(
-                    f"layer_types: expected {self.num_hidden_layers} of {LAYER_TYPES}, got {list(self.layer_types)}."
-                )
-        if self.num_attention_heads % (self.num_key_value_heads or self.num_attention_heads):
-            raise ConfigError(f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads.")
 
-    @classmethod
-    def _normalise(cls, raw: dict[str, Any]) -> dict[str, Any]:
-        return rope_from_hf(raw)
-
-    def to_hf(self) -> dict[str, Any]:
-        out = super().to_hf()
-        out["rope_parameters"] = rope_to_hf(out.pop("rope_theta"), out.pop("rope_scaling"))
-        out["layer_types"] = list(self.windows_by_layer()[1])
-        return out
-
-    def windows_by_layer(self) -> tuple[tuple[int | None, ...], tuple[str, ...]]:
-        """Each layer's window and type, as `Qwen2Config.__init__` derives them."""
-        window = self.sliding_window
-        types = self.layer_types or tuple(
-            "sliding_attention" if window is not None and i >= self.max_window_layers else "full_attention"
-            for i in range(self.num_hidden_layers)
-        )
-        return tuple(window if t == "sliding_attention" else None for t in types), types
+    def layer_slides(self, i: int) -> bool:  # as `Qwen2Config.__init__`
+        return self.sliding_window is not None and i >= self.max_window_layers
 
     def decoder_spec(self) -> DecoderSpec:
-        kv_heads = self.num_key_value_heads or self.num_attention_heads
         return DecoderSpec(
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
             num_layers=self.num_hidden_layers,
             num_heads=self.num_attention_heads,
-            num_kv_heads=kv_heads,
+            num_kv_heads=self.kv_heads,
             head_dim=self.hidden_size // self.num_attention_heads,
             norm=NormSpec("rms", self.rms_norm_eps),
-            layer_windows=self.windows_by_layer()[0],
-            rope=RopeSpec(self.rope_theta, self.rope_scaling),
+            layer_windows=self.windows_by_layer(),
+            rope=self.rope_spec(),
             qkv_bias=True,
             activation=self.hidden_act,
             tie_word_embeddings=self.tie_word_embeddings,

@@ -5,15 +5,13 @@ scaled by `sigmoid(shared_expert_gate(x))` (`Qwen2MoeSparseMoeBlock.forward`). L
 `mlp_only_layers` or off the `decoder_sparse_step` have a dense MLP of `intermediate_size`."""
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ..nn import RopeScaling
-from ._builder import DecoderSpec, MoESpec, NormSpec, RopeSpec
-from ._config import BaseConfig, ConfigError, rope_from_hf, rope_to_hf
+from ._builder import DecoderSpec, MoESpec, NormSpec
+from ._config import BaseConfig, ConfigError
 from ._registry import register
 from .qwen3_moe import sparse_layers
-
-LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -28,18 +26,6 @@ class Qwen2MoeConfig(BaseConfig):
         "dense MLPs on `mlp_only_layers` and off the `decoder_sparse_step`, sliding windows per `layer_types`"
     )
     refused: ClassVar[str] = "other `rope_type`s, sliding layers without a window"
-    hf_fields: ClassVar[dict[str, str]] = {
-        name: name
-        for name in (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-            "rope_scaling", "use_sliding_window", "sliding_window", "max_window_layers", "layer_types",
-            "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
-            "decoder_sparse_step", "moe_intermediate_size", "shared_expert_intermediate_size",
-            "num_experts_per_tok", "num_experts", "norm_topk_prob", "router_aux_loss_coef", "mlp_only_layers",
-            "qkv_bias",
-        )
-    }  # fmt: skip
     ignored_fields: ClassVar[dict[str, str]] = {
         "output_router_logits": "a runtime switch of transformers' forward (the aux loss is a training helper here)",
     }
@@ -76,46 +62,18 @@ class Qwen2MoeConfig(BaseConfig):
         object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers or ()))
         if not self.use_sliding_window:  # as `Qwen2MoeConfig.__post_init__`
             object.__setattr__(self, "sliding_window", 0)
-        if self.layer_types is not None:
-            object.__setattr__(self, "layer_types", tuple(self.layer_types))
-            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
-            if bad or len(self.layer_types) != self.num_hidden_layers:
-                raise ConfigError(
-                    f"layer_types: expected {self.num_hidden_layers} of {LAYER_TYPES}, got {list(self.layer_types)}."
-                )
-        if self.num_attention_heads % (self.num_key_value_heads or self.num_attention_heads):
-            raise ConfigError(f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads.")
         if self.decoder_sparse_step < 1:
             raise ConfigError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}.")
         if self.num_experts > 0 and not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, num_experts={self.num_experts}].")
-        windows, _ = self.windows_by_layer()
-        if any(w is not None and w < 1 for w in windows):
+        if "sliding_attention" in self.types_by_layer() and not (self.sliding_window or 0) >= 1:
             raise ConfigError(
                 "layer_types: sliding_attention layers need use_sliding_window and a sliding_window >= 1 "
                 f"(got use_sliding_window={self.use_sliding_window}, sliding_window={self.sliding_window})."
             )
 
-    @classmethod
-    def _normalise(cls, raw: dict[str, Any]) -> dict[str, Any]:
-        return rope_from_hf(raw)
-
-    def to_hf(self) -> dict[str, Any]:
-        out = super().to_hf()
-        out["rope_parameters"] = rope_to_hf(out.pop("rope_theta"), out.pop("rope_scaling"))
-        out["layer_types"] = list(self.windows_by_layer()[1])
-        out["mlp_only_layers"] = list(self.mlp_only_layers)
-        return out
-
-    def windows_by_layer(self) -> tuple[tuple[int | None, ...], tuple[str, ...]]:
-        """Each layer's window and type, as `Qwen2MoeConfig.__post_init__` derives them
-        (the window is 0 unless `use_sliding_window`)."""
-        window = (self.sliding_window or 0) if self.use_sliding_window else 0
-        types = self.layer_types or tuple(
-            "sliding_attention" if (i + 1) % 2 and i < self.max_window_layers and self.use_sliding_window else "full_attention"
-            for i in range(self.num_hidden_layers)
-        )
-        return tuple(window if t == "sliding_attention" else None for t in types), types
+    def layer_slides(self, i: int) -> bool:  # as `Qwen2MoeConfig.__post_init__`
+        return bool((i + 1) % 2 and i < self.max_window_layers and self.use_sliding_window)
 
     def decoder_spec(self) -> DecoderSpec:
         return DecoderSpec(
@@ -124,11 +82,11 @@ class Qwen2MoeConfig(BaseConfig):
             intermediate_size=self.intermediate_size,
             num_layers=self.num_hidden_layers,
             num_heads=self.num_attention_heads,
-            num_kv_heads=self.num_key_value_heads or self.num_attention_heads,
+            num_kv_heads=self.kv_heads,
             head_dim=self.hidden_size // self.num_attention_heads,
             norm=NormSpec("rms", self.rms_norm_eps),
-            layer_windows=self.windows_by_layer()[0],
-            rope=RopeSpec(self.rope_theta, self.rope_scaling),
+            layer_windows=self.windows_by_layer(),
+            rope=self.rope_spec(),
             qkv_bias=self.qkv_bias,
             activation=self.hidden_act,
             tie_word_embeddings=self.tie_word_embeddings,

@@ -9,8 +9,8 @@ import dataclasses
 from typing import Any, ClassVar
 
 from ..nn import RopeScaling
-from ._builder import DecoderSpec, MoESpec, NormSpec, RopeSpec
-from ._config import BaseConfig, ConfigError, rope_from_hf, rope_to_hf
+from ._builder import DecoderSpec, MoESpec, NormSpec
+from ._config import BaseConfig, ConfigError
 from ._registry import register
 
 
@@ -30,19 +30,7 @@ class Qwen3MoeConfig(BaseConfig):
         "`mlp_only_layers` and off the `decoder_sparse_step`"
     )
     refused: ClassVar[str] = "other `rope_type`s"
-    hf_fields: ClassVar[dict[str, str]] = {  # transformers writes `num_experts` as `num_local_experts`
-        "num_local_experts": "num_experts",
-    } | {
-        name: name
-        for name in (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
-            "rope_theta", "rope_scaling", "attention_bias", "use_sliding_window", "sliding_window",
-            "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
-            "decoder_sparse_step", "moe_intermediate_size", "num_experts_per_tok",
-            "norm_topk_prob", "router_aux_loss_coef", "mlp_only_layers",
-        )
-    }  # fmt: skip
+    hf_names: ClassVar[dict[str, str]] = {"num_experts": "num_local_experts"}  # as transformers writes it
     ignored_fields: ClassVar[dict[str, str]] = {
         "output_router_logits": "a runtime switch of transformers' forward (the aux loss is a training helper here)",
         "max_window_layers": "not read by transformers' Qwen3-MoE model",
@@ -78,8 +66,6 @@ class Qwen3MoeConfig(BaseConfig):
         if not self.use_sliding_window:  # as `Qwen3MoeConfig.__post_init__`
             object.__setattr__(self, "sliding_window", None)
         object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers or ()))
-        if self.num_attention_heads % (self.num_key_value_heads or self.num_attention_heads):
-            raise ConfigError(f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads.")
         if self.decoder_sparse_step < 1:
             raise ConfigError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}.")
         if self.num_experts > 0 and not 1 <= self.num_experts_per_tok <= self.num_experts:
@@ -90,12 +76,10 @@ class Qwen3MoeConfig(BaseConfig):
         raw = dict(raw)
         if "num_experts" in raw:  # the field's own name (`attribute_map` alias of `num_local_experts`)
             raw.setdefault("num_local_experts", raw.pop("num_experts"))
-        return rope_from_hf(raw)
+        return raw
 
     def to_hf(self) -> dict[str, Any]:
         out = super().to_hf()
-        out["rope_parameters"] = rope_to_hf(out.pop("rope_theta"), out.pop("rope_scaling"))
-        out["mlp_only_layers"] = list(self.mlp_only_layers)
         if out.get("head_dim") is None:  # transformers reads `getattr(config, "head_dim", default)`
             out.pop("head_dim", None)
         return out
@@ -108,12 +92,12 @@ class Qwen3MoeConfig(BaseConfig):
             intermediate_size=self.intermediate_size,
             num_layers=self.num_hidden_layers,
             num_heads=self.num_attention_heads,
-            num_kv_heads=self.num_key_value_heads or self.num_attention_heads,
+            num_kv_heads=self.kv_heads,
             head_dim=head_dim,
             norm=NormSpec("rms", self.rms_norm_eps),
             qk_norm="head",
             layer_windows=(self.sliding_window,) * self.num_hidden_layers,
-            rope=RopeSpec(self.rope_theta, self.rope_scaling),
+            rope=self.rope_spec(),
             qkv_bias=self.attention_bias,
             o_bias=self.attention_bias,
             activation=self.hidden_act,

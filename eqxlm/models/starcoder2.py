@@ -6,12 +6,12 @@ Checkpoint names: Llama's, with the MLP as `mlp.c_fc` / `mlp.c_proj`.
 """
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ..nn import RopeScaling
 from ..params import KeyMap
-from ._builder import DecoderSpec, NormSpec, RopeSpec
-from ._config import BaseConfig, ConfigError, rope_from_hf, rope_to_hf
+from ._builder import DecoderSpec, NormSpec
+from ._config import BaseConfig
 from ._registry import register
 
 
@@ -26,15 +26,6 @@ class Starcoder2Config(BaseConfig):
         "grouped-query attention with a sliding window, tied head"
     )
     refused: ClassVar[str] = "other `rope_type`s"
-    hf_fields: ClassVar[dict[str, str]] = {
-        name: name
-        for name in (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "hidden_act", "max_position_embeddings", "norm_epsilon", "rope_theta",
-            "rope_scaling", "sliding_window", "use_bias", "tie_word_embeddings", "initializer_range",
-            "bos_token_id", "eos_token_id", "pad_token_id",
-        )
-    }  # fmt: skip
     ignored_fields: ClassVar[dict[str, str]] = {
         "residual_dropout": "dropout: training only",
         "embedding_dropout": "dropout: training only",
@@ -58,22 +49,6 @@ class Starcoder2Config(BaseConfig):
     bos_token_id: int | None = 50256
     eos_token_id: tuple[int, ...] | None = (50256,)
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads.")
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise ConfigError(f"sliding_window must be >= 1 or null, got {self.sliding_window}.")
-
-    @classmethod
-    def _normalise(cls, raw: dict[str, Any]) -> dict[str, Any]:
-        return rope_from_hf(raw)
-
-    def to_hf(self) -> dict[str, Any]:
-        out = super().to_hf()
-        out["rope_parameters"] = rope_to_hf(out.pop("rope_theta"), out.pop("rope_scaling"))
-        return out
-
     def decoder_spec(self) -> DecoderSpec:
         return DecoderSpec(
             vocab_size=self.vocab_size,
@@ -85,7 +60,7 @@ class Starcoder2Config(BaseConfig):
             head_dim=self.hidden_size // self.num_attention_heads,
             norm=NormSpec("layer", self.norm_epsilon),
             layer_windows=(self.sliding_window,) * self.num_hidden_layers,
-            rope=RopeSpec(self.rope_theta, self.rope_scaling),
+            rope=self.rope_spec(),
             qkv_bias=self.use_bias,
             o_bias=self.use_bias,
             mlp="plain",

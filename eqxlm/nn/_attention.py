@@ -8,6 +8,7 @@ attention kind ([`attention_frames`][]) and handed to every layer of that kind.
 """
 
 import functools
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -16,6 +17,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .._typing import typecheck
 from ._alibi import ALiBi
+from ._kinds import AbstractTapped
 from ._kv_cache import Cache, CacheWrite, KVCache
 from ._linear import accumulator, einsum, linear, make_linear
 from ._masks import attention_mask
@@ -232,7 +234,7 @@ def attention_frames(
     return tuple(frames), cache
 
 
-class Attention(eqx.Module):
+class Attention(AbstractTapped):
     """Multi-head attention with separate `q_proj`/`k_proj`/`v_proj`/`o_proj`.
 
     The one attention of every family; the differences are choices:
@@ -266,6 +268,7 @@ class Attention(eqx.Module):
     scale: float | None = eqx.field(static=True)
     logit_softcap: float | None = eqx.field(static=True)
     qk_norm: str | None = eqx.field(static=True)
+    tap_points: ClassVar[tuple[str, ...]] = ("q", "k", "v", "probs", "z")
 
     def __init__(
         self,

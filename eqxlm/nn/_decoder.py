@@ -1,12 +1,13 @@
 """The decoder layer: one residual block whose layout is a handful of choices."""
 
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 from jaxtyping import Array, Float
 
 from .._typing import typecheck
 from ._attention import Attention, AttentionFrame
+from ._kinds import AbstractTapped
 from ._kv_cache import KVCache
 from ._norm import LayerNorm, RMSNorm
 from ._taps import each_token, tap
@@ -19,13 +20,14 @@ def _norm(norm, x):
 
 
 def feed_forward(mlp, x: Float[Array, "seq hidden"]) -> Float[Array, "seq hidden"]:
-    """Apply a feed-forward block to a sequence: token-wise blocks (`GatedMLP`, `MLP`) are
-    vmapped; a block that needs the whole sequence (a mixture of experts, which groups tokens
-    by expert) says so with `sequence_wise = True` and is called once."""
+    """Apply a feed-forward block to a sequence: to every token (vmapped), or once to the
+    whole sequence when the block says it can (an `eqxlm.nn.AbstractTokenAxes`: `GatedMLP`,
+    `MLP`, as a few large products) or must (an `eqxlm.nn.AbstractSequenceWise`: a mixture of
+    experts, which groups the tokens by expert)."""
     return each_token(mlp, x)
 
 
-class DecoderLayer(eqx.Module):
+class DecoderLayer(AbstractTapped):
     """One residual block. Llama's layout is the default; the other families are choices:
 
         sequential (Llama, Mistral, Qwen, BLOOM, GPT-2):
@@ -52,6 +54,7 @@ class DecoderLayer(eqx.Module):
     parallel: bool = eqx.field(static=True, default=False)
     residual_from_norm: bool = eqx.field(static=True, default=False)
     residual_multiplier: float | None = eqx.field(static=True, default=None)
+    tap_points: ClassVar[tuple[str, ...]] = ("resid_mid",)  # `resid_pre`/`resid_post`: its input/output
 
     def _scaled(self, x):
         return x if self.residual_multiplier is None else x * self.residual_multiplier

@@ -81,8 +81,8 @@ def project(layer: eqx.Module, x: Float[Array, "*tokens in_features"]) -> Float[
     """Apply the projection `layer` to every token of `x` (one token, a sequence, any leading
     axes): a plain `eqx.nn.Linear` (that type exactly) as one product with torch's arithmetic
     (see the module's docstring); any other module (a quantized layer, a user's own) one token
-    at a time, or whole if it says so: `token_axes` (a LoRA adapter) or `sequence_wise` (an
-    `eqxlm.inspect` hook); see `eqxlm.nn._taps.each_token`."""
+    at a time, or whole if it says so: an `eqxlm.nn.AbstractTokenAxes` (a LoRA adapter) or an
+    `eqxlm.nn.AbstractSequenceWise` (an `eqxlm.inspect` hook); see `eqxlm.nn._taps.each_token`."""
     return affine(layer, x) if type(layer) is eqx.nn.Linear else each_token(layer, x)
 
 

@@ -1,7 +1,6 @@
 """Position-wise feed-forward blocks: gated (SwiGLU / GeGLU) and plain two-layer MLPs."""
 
 from collections.abc import Callable
-from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -10,10 +9,11 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._typing import typecheck
 from ._activations import gelu_tanh, silu
+from ._kinds import AbstractTokenAxes
 from ._linear import make_linear, project
 
 
-class GatedMLP(eqx.Module):
+class GatedMLP(AbstractTokenAxes):
     r"""The gated feed-forward block (Llama, Mistral, Qwen, Gemma: SwiGLU / GeGLU).
 
     $$\mathrm{mlp}(x) = W_{down}\,\big(\mathrm{act}(W_{gate} x) \odot W_{up} x\big)$$
@@ -27,7 +27,6 @@ class GatedMLP(eqx.Module):
     up_proj: eqx.nn.Linear
     down_proj: eqx.nn.Linear
     activation: Callable = eqx.field(static=True)
-    token_axes: ClassVar[bool] = True  # `__call__` takes any leading token axes (`nn._taps.each_token`)
 
     def __init__(
         self,
@@ -52,7 +51,7 @@ class GatedMLP(eqx.Module):
         return project(self.down_proj, self.activation(project(self.gate_proj, x)) * project(self.up_proj, x))
 
 
-class MLP(eqx.Module):
+class MLP(AbstractTokenAxes):
     r"""The plain two-layer feed-forward block: $W_{down}\,\mathrm{act}(W_{up} x + b) + b$.
 
     BLOOM (`dense_h_to_4h`/`dense_4h_to_h`), GPT-2 (`c_fc`/`c_proj`), GPT-NeoX, Phi and
@@ -63,7 +62,6 @@ class MLP(eqx.Module):
     up_proj: eqx.nn.Linear
     down_proj: eqx.nn.Linear
     activation: Callable = eqx.field(static=True)
-    token_axes: ClassVar[bool] = True  # `__call__` takes any leading token axes (`nn._taps.each_token`)
 
     def __init__(
         self,

@@ -60,6 +60,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .._typing import typecheck
 from ._activations import in_float32, silu
+from ._kinds import AbstractSequenceWise, AbstractStacked, AbstractTapped
 from ._linear import accumulator, make_linear
 from ._mlp import GatedMLP
 from ._taps import each_token, tap
@@ -310,7 +311,7 @@ def expert_outputs(
     return _batch_aware(activation, dispatch, block_size)(x, index, gate_w, up_w, down_w)
 
 
-class SparseMoE(eqx.Module):
+class SparseMoE(AbstractSequenceWise, AbstractStacked, AbstractTapped):
     """A sparse mixture-of-experts feed-forward block over a whole sequence.
 
     `gate`: router `Linear(hidden, num_experts)` without bias; `experts`: a `GatedMLP`
@@ -335,7 +336,7 @@ class SparseMoE(eqx.Module):
     block_size: int = eqx.field(static=True, default=64)
 
     stacked_field: ClassVar[str] = "experts"
-    sequence_wise: ClassVar[bool] = True
+    tap_points: ClassVar[tuple[str, ...]] = ("router_logits", "routing_weights", "selected_experts")
 
     def __init__(
         self,

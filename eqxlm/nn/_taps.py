@@ -18,17 +18,19 @@ import contextlib
 import jax
 from jax.extend.core import get_opaque_trace_state
 
+from ._kinds import AbstractSequenceWise, AbstractTokenAxes
+
 _STACK: list[tuple[dict, object]] = []  # (collector, the trace it was opened in)
 
 
 def each_token(module, x):
     """Apply `module` (a norm, a token-wise MLP) to every vector along the last
-    axis of `x` (one `jax.vmap` per leading axis), or call it once on all of `x` when it says
-    `sequence_wise = True` (an `eqxlm.inspect` hook, which captures and patches the whole
-    block, or a mixture of experts, which groups the tokens by expert) or `token_axes = True`
-    (its `__call__` takes any leading token axes itself: the MLPs and LoRA adapters, as a few
-    large products)."""
-    if getattr(module, "sequence_wise", False) or getattr(module, "token_axes", False):
+    axis of `x` (one `jax.vmap` per leading axis), or call it once on all of `x` when it is an
+    `eqxlm.nn.AbstractSequenceWise` (an `eqxlm.inspect` hook, which captures and patches the
+    whole block, or a mixture of experts, which groups the tokens by expert) or an
+    `eqxlm.nn.AbstractTokenAxes` (its `__call__` takes any leading token axes itself: the MLPs
+    and LoRA adapters, as a few large products)."""
+    if isinstance(module, (AbstractSequenceWise, AbstractTokenAxes)):
         return module(x)
     fn = module
     for _ in range(x.ndim - 1):
@@ -71,7 +73,23 @@ def record(key: tuple[tuple[str, int], ...], value) -> None:
 
 
 def tap(taps, point: str, x):
-    """`x` at the named internal `point` of a module: unchanged unless a hook passed `taps`."""
+    """Declare the internal point `point` of a module's computation, with value `x`, to
+    `eqxlm.inspect`; returns `x`, or the patched value when a hook patches `point`.
+
+        class Scored(eqxlm.nn.AbstractTapped):
+            tap_points: ClassVar[tuple[str, ...]] = ("scores",)
+            ...
+            def __call__(self, x, *, taps=None):
+                scores = eqxlm.nn.tap(taps, "scores", self.score(x))
+                ...
+
+    **Arguments:** `taps`, the module's `taps` keyword argument (None unless an
+    `eqxlm.inspect` hook asked for one of its points: then `x` is returned as is and the
+    call traces as if the line were not there); `point`, one of the module's `tap_points`
+    (see `eqxlm.nn.AbstractTapped`); `x`, the value.
+
+    **Returns:** an array of `x`'s shape and dtype.
+    """
     return x if taps is None else taps(point, x)
 
 

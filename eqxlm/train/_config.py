@@ -16,7 +16,7 @@ def _opt(default, help: str, **kw):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Options of `eqxlm.train.train`. Only `data` and `output_dir` are required."""
+    """Options of `eqxlm.train.run_training`. Only `data` and `output_dir` are required."""
 
     data: tuple[str, ...] = _opt(
         (),
@@ -64,7 +64,8 @@ class TrainConfig:
     remat: bool = _opt(False, "recompute each decoder layer's activations in the backward pass (less memory, more compute)")
     fixed_order_reductions: bool = _opt(
         False,
-        "sum the batch shards' losses and gradients in a fixed order (gather, then add) instead of an all-reduce: "
+        "sum the batch shards' losses and gradients (and held-out losses) in a fixed order (gather, then add) instead "
+        "of an all-reduce: "
         "bitwise the same result on any number of processes for a data-parallel mesh, for the memory of one "
         "gradient per batch shard on each device",
     )
@@ -128,8 +129,19 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum}).")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"TrainConfig.eval_fraction must be in [0, 1), got {self.eval_fraction}.")
-        if self.learning_rate <= 0:
-            raise ValueError(f"TrainConfig.learning_rate must be positive, got {self.learning_rate}.")
+        bounds = {  # written as `ok` tests so that NaN fails them too
+            "learning_rate": (self.learning_rate > 0, "positive"),
+            "max_grad_norm": (self.max_grad_norm > 0, "positive"),
+            "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "adam_b1": (0 <= self.adam_b1 < 1, "in [0, 1)"),
+            "adam_b2": (0 <= self.adam_b2 < 1, "in [0, 1)"),
+            "warmup_steps": (self.warmup_steps is None or self.warmup_steps >= 0, ">= 0"),
+            "num_processes": (self.num_processes is None or self.num_processes >= 1, "at least 1"),
+            "process_id": (self.process_id is None or self.process_id >= 0, ">= 0"),
+        }
+        for name, (ok, bound) in bounds.items():
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} must be {bound}, got {getattr(self, name)}.")
 
     def changed_from(self, saved: dict) -> list[str]:
         """Fields (other than `RESUMABLE` ones) whose values differ from a saved config."""

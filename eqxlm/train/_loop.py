@@ -1,4 +1,4 @@
-"""The training run behind `eqxlm train`: `train(config)`.
+"""The training run behind `eqxlm train`: `run_training(config)`.
 
 One program for one process or many: under `jax.distributed` every process runs the same
 code over a mesh that spans all processes' devices; arrays are global `jax.Array`s, each
@@ -203,25 +203,15 @@ def make_step(
 
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
     if fixed_order_over is not None:
-        mesh, (axes,) = fixed_order_over.mesh, fixed_order_over.spec
-        shard_count = int(np.prod([mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))]))
-        sharded_rows = NamedSharding(mesh, P(axes, None, None))
+        mesh = fixed_order_over.mesh
         gathered_vec = NamedSharding(mesh, P(None))
         gathered_grads = jax.tree.map(lambda sh: NamedSharding(mesh, P(None, *sh.spec)), param_shardings)
+        grad_fn = _in_shard_order(grad_fn, fixed_order_over, ((gathered_vec, gathered_vec), gathered_grads))
 
     def step(params, opt_state, key, frozen, batch):
         def body(carry, ids):
             grads, total, count = carry
-            if fixed_order_over is None:
-                (t, c), g = grad_fn(params, frozen, ids)
-            else:
-                per_shard = ids.reshape(shard_count, -1, ids.shape[-1])
-                per_shard = jax.lax.with_sharding_constraint(per_shard, sharded_rows)
-                (t, c), g = jax.vmap(grad_fn, in_axes=(None, None, 0))(params, frozen, per_shard)
-                t, c = jax.lax.with_sharding_constraint((t, c), (gathered_vec, gathered_vec))
-                g = jax.lax.with_sharding_constraint(g, gathered_grads)
-                t, c = jnp.sum(t), jnp.sum(c)
-                g = jax.tree.map(lambda x: jnp.sum(x, axis=0), g)
+            (t, c), g = grad_fn(params, frozen, ids)
             return (jax.tree.map(jnp.add, grads, g), total + t, count + c), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -238,19 +228,48 @@ def make_step(
     return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
-def make_eval(static, *, compute_dtype):
+def make_eval(static, *, compute_dtype, fixed_order_over: NamedSharding | None = None):
+    """The jitted held-out sums on `(rows, seq)` token windows and their 0/1 mask.
+    **Returns:** `sums(params, frozen, ids, mask) -> (summed token losses, token count)`;
+    `fixed_order_over` as in `make_step`, so the held-out loss is bitwise the same on any
+    process layout too."""
+
     def sums(params, frozen, ids, mask):
         model = eqx.combine(_cast_floats(params, compute_dtype), _cast_floats(frozen, compute_dtype), static)
         total, count = jax.vmap(next_token_loss, in_axes=(None, 0, 0))(model, ids, mask.astype(bool))
         return jnp.sum(total), jnp.sum(count)
 
+    if fixed_order_over is not None:
+        gathered_vec = NamedSharding(fixed_order_over.mesh, P(None))
+        sums = _in_shard_order(sums, fixed_order_over, (gathered_vec, gathered_vec))
     return jax.jit(sums)
+
+
+def _in_shard_order(fn, over: NamedSharding, gathered):
+    """`fn(params, frozen, *rows)`, a sum over rows, computed on each batch shard's rows on
+    their own (`vmap` over shards), gathered (exact) and summed in shard order: the same
+    additions in the same order on any process layout. `over`: the sharding of a `(shards,)`
+    vector over the batch axes; `gathered`: shardings of `fn`'s outputs with a leading shard
+    axis, replicated along it."""
+    mesh, (axes,) = over.mesh, over.spec
+    shard_count = int(np.prod([mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))]))
+
+    def split(x):  # (rows, ...) -> (shards, rows per shard, ...), each shard on its own devices
+        x = x.reshape(shard_count, -1, *x.shape[1:])
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(axes, *(None,) * (x.ndim - 1))))
+
+    def summed(params, frozen, *rows):
+        per_shard = jax.vmap(fn, in_axes=(None, None, *(0,) * len(rows)))(params, frozen, *map(split, rows))
+        per_shard = jax.lax.with_sharding_constraint(per_shard, gathered)
+        return jax.tree.map(lambda x: jnp.sum(x, axis=0), per_shard)
+
+    return summed
 
 
 # -- the run -----------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Run:
-    """What `train` returns: the trained model (unsharded copy only if exported), history."""
+    """What `run_training` returns: the run folder, the metrics rows, where the model was exported."""
 
     output_dir: Path
     history: list[dict]
@@ -284,8 +303,9 @@ def _gather(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def train(config: TrainConfig, *, trainable=eqx.is_array) -> Run:
-    """Run (or resume) a training job. See `TrainConfig` for the options.
+def run_training(config: TrainConfig, *, trainable=eqx.is_array) -> Run:
+    """Run (or resume) a training job: what `eqxlm train` does. See `TrainConfig` for the
+    options. (`eqxlm.training.fit` is the small in-memory loop of the notebooks.)
 
     `trainable` is an `eqx.partition` filter spec choosing the leaves that are trained (a
     callable on leaves, or a pytree of bools shaped like the model); default every array
@@ -300,11 +320,24 @@ def train(config: TrainConfig, *, trainable=eqx.is_array) -> Run:
     except ImportError as e:
         raise ImportError(f"eqxlm.train needs the train extra (pip install 'eqxlm[train]'): {e}") from None
     _init_distributed(config)
-    is_main = jax.process_index() == 0
     out = Path(config.output_dir).absolute()  # Orbax wants absolute paths
-    ckpt_dir = out / "checkpoints"
+    steps_done = _check_run_folder(config, out)
+    job = _prepare(config, out, trainable)  # every check passed: nothing computed or written yet
+    manager, start = _restore(config, out, job, steps_done)
+    history = _open_run_folder(config, out, job, start)
+    if manager is None:
+        manager = _manager(out / "checkpoints", config)
+    _train_steps(config, out, job, manager, start, history)
+    export_dir = _export(config, out, job) if config.export else None
+    if jax.process_index() == 0 and config.plot:
+        plot_losses(history, out / "loss.png")
+    return Run(output_dir=out, history=history, export_dir=export_dir, final_step=config.steps)
 
-    # 1. The run folder: a new run needs an empty one; a resume needs the same options.
+
+def _check_run_folder(config: TrainConfig, out: Path) -> list[int]:
+    """A new run needs an empty folder; a resume needs the same options. **Returns:** the
+    complete checkpoints' steps."""
+    ckpt_dir = out / "checkpoints"
     steps_done = complete_steps(ckpt_dir)
     saved_config_path = out / "train_config.json"
     if not config.resume:
@@ -319,8 +352,37 @@ def train(config: TrainConfig, *, trainable=eqx.is_array) -> Run:
             raise TrainError(f"cannot resume {out} with changed options (nothing was changed):\n  " + "\n  ".join(diffs))
     elif steps_done:
         raise TrainError(f"{ckpt_dir} has checkpoints but {saved_config_path} is missing: not an eqxlm run folder.")
+    return steps_done
 
-    # 2. Data, model, mesh: all checked before anything is computed or written.
+
+@dataclasses.dataclass
+class _Job:
+    """What a run computes with, built and checked by `_prepare` before anything is written;
+    `params`, `opt_state` and `key` are replaced by every step."""
+
+    mesh: jax.sharding.Mesh
+    batch_axes: tuple[str, ...]
+    micro: int  # sequences per micro-batch, over all processes
+    static: object
+    frozen: object
+    params: object
+    opt_state: object
+    key: jax.Array
+    optimizer: optax.GradientTransformation
+    param_shardings: object
+    opt_shardings: object
+    batches: object  # this process's rows of each global batch (a checkpointable Grain iterator)
+    rows: list[int]
+    batch_shape: tuple[int, int, int]
+    batch_spec: NamedSharding
+    eval_windows: np.ndarray
+    eval_mask: np.ndarray
+    tokenizer_folder: Path
+    identity: dict
+
+
+def _prepare(config: TrainConfig, out: Path, trainable) -> _Job:
+    """Data, mesh, model and initial state, each checked before anything is computed or written."""
     docs = read_documents(config.data, config.text_field)
     shape, axes = parse_mesh(config.mesh)
     mesh = sharding.make_mesh(shape, axes)
@@ -343,6 +405,40 @@ def train(config: TrainConfig, *, trainable=eqx.is_array) -> Run:
         problem = _identity_mismatch(json.loads(meta_path.read_text()), identity)
         if problem:
             raise TrainError(f"{out} holds a checkpoint of a different model ({problem}); nothing was changed.")
+    windows, eval_windows, eval_mask = _pack_documents(config, docs, tokenizer, model)
+    params, rest = eqx.partition(model, trainable)
+    frozen, static = eqx.partition(rest, eqx.is_array)
+    del model, rest
+    optimizer, opt_state, param_shardings, opt_shardings, key = _initial_state(config, params, mesh)
+    batch_shape = (config.grad_accum, micro, config.seq_len)
+    batch_spec = NamedSharding(mesh, P(None, batch_axes or None, None))
+    rows = process_rows(batch_spec, batch_shape, dim=1)
+    picked = [a * micro + r for a in range(config.grad_accum) for r in rows]
+    return _Job(
+        mesh=mesh,
+        batch_axes=batch_axes,
+        micro=micro,
+        static=static,
+        frozen=frozen,
+        params=params,
+        opt_state=opt_state,
+        key=key,
+        optimizer=optimizer,
+        param_shardings=param_shardings,
+        opt_shardings=opt_shardings,
+        batches=train_iterator(windows, batch_size=config.batch_size, seed=config.seed, rows=picked),
+        rows=rows,
+        batch_shape=batch_shape,
+        batch_spec=batch_spec,
+        eval_windows=eval_windows,
+        eval_mask=eval_mask,
+        tokenizer_folder=tokenizer_folder,
+        identity=identity,
+    )
+
+
+def _pack_documents(config: TrainConfig, docs: list[str], tokenizer, model):
+    """The training windows, and the held-out windows with their mask (the tail padded)."""
     bos, eos = _special_tokens(model)
     train_docs, eval_docs = split_documents(docs, config.eval_fraction, config.seed)
     windows, _ = pack(token_stream(tokenizer, train_docs, bos=bos, eos=eos), config.seq_len, pad_tail=False)
@@ -352,11 +448,11 @@ def train(config: TrainConfig, *, trainable=eqx.is_array) -> Run:
             f"fewer than one sequence of seq_len={config.seq_len}."
         )
     eval_windows, eval_mask = pack(token_stream(tokenizer, eval_docs, bos=bos, eos=eos), config.seq_len, pad_tail=True)
+    return windows, eval_windows, eval_mask
 
-    # 3. State: trainable parameters, optimiser state, RNG key; restored when resuming.
-    params, rest = eqx.partition(model, trainable)
-    frozen, static = eqx.partition(rest, eqx.is_array)
-    del model, rest
+
+def _initial_state(config: TrainConfig, params, mesh):
+    """The optimiser, its state laid out like the parameters, both layouts and the RNG key."""
     optimizer = make_optimizer(
         config.learning_rate,
         total_steps=config.steps,
@@ -379,80 +475,82 @@ def train(config: TrainConfig, *, trainable=eqx.is_array) -> Run:
         )
         opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     key = jax.device_put(jax.random.key_data(jax.random.key(config.seed)), replicated)
-    batch_shape = (config.grad_accum, micro, config.seq_len)
-    batch_spec = NamedSharding(mesh, P(None, batch_axes or None, None))
-    rows = process_rows(batch_spec, batch_shape, dim=1)
-    picked = [a * micro + r for a in range(config.grad_accum) for r in rows]
-    batches = train_iterator(windows, batch_size=config.batch_size, seed=config.seed, rows=picked)
+    return optimizer, opt_state, param_shardings, opt_shardings, key
 
-    manager = None
-    start = 0
-    if config.resume and steps_done:
-        import grain
-        import orbax.checkpoint as ocp
 
-        manager = _manager(ckpt_dir, config)
-        start = steps_done[-1]
-        target = {"params": params, "opt_state": opt_state, "key": key}
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        restored = manager.restore(
-            start,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract),
-                data=grain.checkpoint.CheckpointRestore(batches),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
-        params, opt_state, key = restored.state["params"], restored.state["opt_state"], restored.state["key"]
-        if restored.meta["step"] != start or batches.get_state()["next_index"] != start:
-            raise TrainError(f"checkpoint {ckpt_dir / str(start)} is inconsistent: meta step {restored.meta['step']}.")
+def _restore(config: TrainConfig, out: Path, job: _Job, steps_done: list[int]):
+    """On resume, the latest complete checkpoint's state and data position, into `job`.
+    **Returns:** `(manager or None, the step restored or 0)`."""
+    if not (config.resume and steps_done):
+        return None, 0
+    import grain
+    import orbax.checkpoint as ocp
 
+    ckpt_dir = out / "checkpoints"
+    manager = _manager(ckpt_dir, config)
+    start = steps_done[-1]
+    target = {"params": job.params, "opt_state": job.opt_state, "key": job.key}
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    restored = manager.restore(
+        start,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract),
+            data=grain.checkpoint.CheckpointRestore(job.batches),
+            meta=ocp.args.JsonRestore(),
+        ),
+    )
+    job.params, job.opt_state, job.key = restored.state["params"], restored.state["opt_state"], restored.state["key"]
+    if restored.meta["step"] != start or job.batches.get_state()["next_index"] != start:
+        raise TrainError(f"checkpoint {ckpt_dir / str(start)} is inconsistent: meta step {restored.meta['step']}.")
+    return manager, start
+
+
+def _open_run_folder(config: TrainConfig, out: Path, job: _Job, start: int) -> list[dict]:
+    """Write the run folder's config, model identity and metrics up to `start`, once every
+    process has passed the checks (else a slower process would find the folder already
+    written and refuse it). **Returns:** the history kept."""
     metrics_path = out / "metrics.jsonl"
     history: list[dict] = []
     if metrics_path.exists():  # keep what the restored step had logged; drop what came after it
         history = [r for r in _read_rows(metrics_path) if r["step"] <= start]
-
-    # 4. From here on the run folder is written, once every process has passed the checks
-    # (else a slower process would find the folder already written and refuse it).
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("eqxlm.train: checks passed")
-    if is_main:
+    if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(saved_config_path, config.to_json())
-        _write_json(meta_path, identity)
-    if is_main:
+        _write_json(out / "train_config.json", config.to_json())
+        _write_json(out / "model_identity.json", job.identity)
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
-    if manager is None:
-        manager = _manager(ckpt_dir, config)
+    return history
 
-    import grain
-    import orbax.checkpoint as ocp
 
-    step_fn = make_step(
-        static,
-        optimizer,
+def _fixed_order_over(config: TrainConfig, job: _Job) -> NamedSharding | None:
+    """`make_step`'s and `make_eval`'s `fixed_order_over` for `--fixed-order-reductions`."""
+    return NamedSharding(job.mesh, P(job.batch_axes)) if config.fixed_order_reductions and job.batch_axes else None
+
+
+def _evaluator(config: TrainConfig, job: _Job):
+    """`evaluate(params) -> {"eval_loss", "eval_perplexity", "eval_tokens"}` over the held-out
+    windows, `micro` at a time (the last batch padded with masked rows)."""
+    eval_fn = make_eval(
+        job.static,
         compute_dtype=jnp.bfloat16 if config.mixed_precision else jnp.float32,
-        remat=config.remat,
-        param_shardings=param_shardings,
-        opt_shardings=opt_shardings,
-        fixed_order_over=NamedSharding(mesh, P(batch_axes)) if config.fixed_order_reductions and batch_axes else None,
+        fixed_order_over=_fixed_order_over(config, job),
     )
-    eval_fn = make_eval(static, compute_dtype=jnp.bfloat16 if config.mixed_precision else jnp.float32)
-    eval_spec = NamedSharding(mesh, P(batch_axes or None, None))
-    eval_rows = process_rows(eval_spec, (micro, config.seq_len), dim=0)
+    eval_spec = NamedSharding(job.mesh, P(job.batch_axes or None, None))
+    micro, eval_rows = job.micro, process_rows(eval_spec, (job.micro, config.seq_len), dim=0)
 
-    def evaluate() -> dict:
+    def evaluate(params) -> dict:
         total = count = 0.0
-        for i in range(0, len(eval_windows), micro):
+        for i in range(0, len(job.eval_windows), micro):
             ids = np.zeros((micro, config.seq_len), np.int32)
             mask = np.zeros((micro, config.seq_len), np.int32)
-            part = slice(i, min(i + micro, len(eval_windows)))
-            ids[: part.stop - i], mask[: part.stop - i] = eval_windows[part], eval_mask[part]
+            part = slice(i, min(i + micro, len(job.eval_windows)))
+            ids[: part.stop - i], mask[: part.stop - i] = job.eval_windows[part], job.eval_mask[part]
             t, c = eval_fn(
                 params,
-                frozen,
+                job.frozen,
                 global_batch(ids[eval_rows], eval_rows, ids.shape, eval_spec, 0),
                 global_batch(mask[eval_rows], eval_rows, mask.shape, eval_spec, 0),
             )
@@ -461,19 +559,41 @@ def train(config: TrainConfig, *, trainable=eqx.is_array) -> Run:
         loss = total / max(count, 1.0)
         return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 80.0))), "eval_tokens": int(count)}
 
+    return evaluate
+
+
+def _train_steps(config: TrainConfig, out: Path, job: _Job, manager, start: int, history: list[dict]) -> None:
+    """Steps `start + 1 ... config.steps`: metrics rows, held-out evaluations and checkpoints
+    as the options ask, appended to `history` (and metrics.jsonl)."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    is_main = jax.process_index() == 0
+    step_fn = make_step(
+        job.static,
+        job.optimizer,
+        compute_dtype=jnp.bfloat16 if config.mixed_precision else jnp.float32,
+        remat=config.remat,
+        param_shardings=job.param_shardings,
+        opt_shardings=job.opt_shardings,
+        fixed_order_over=_fixed_order_over(config, job),
+    )
+    evaluate = _evaluator(config, job)
+
     def log(row: dict) -> None:
         history.append(row)
         if is_main:
-            with metrics_path.open("a") as f:
+            with (out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
     tokens_per_step = config.batch_size * config.seq_len
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not (config.progress and is_main))
     began, began_step = time.perf_counter(), start
     for step in range(start + 1, config.steps + 1):
-        local = next(batches).reshape(config.grad_accum, len(rows), config.seq_len)
-        batch = global_batch(local, rows, batch_shape, batch_spec, 1)
-        params, opt_state, key, loss, grad_norm = step_fn(params, opt_state, key, frozen, batch)
+        local = next(job.batches).reshape(config.grad_accum, len(job.rows), config.seq_len)
+        batch = global_batch(local, job.rows, job.batch_shape, job.batch_spec, 1)
+        job.params, job.opt_state, job.key, loss, grad_norm = step_fn(job.params, job.opt_state, job.key, job.frozen, batch)
+        bar.update()  # before the loss is shown, so the bar's count is the step that loss is of
         if step % config.log_every == 0 or step == config.steps:
             loss_value = float(loss)
             now = time.perf_counter()
@@ -490,34 +610,34 @@ def train(config: TrainConfig, *, trainable=eqx.is_array) -> Run:
                 }
             )
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}")
-        if len(eval_windows) and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):
-            log({"step": step, **evaluate()})
+        if len(job.eval_windows) and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):
+            log({"step": step, **evaluate(job.params)})
         if step % config.save_every == 0 or step == config.steps:
             manager.save(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardSave({"params": params, "opt_state": opt_state, "key": key}),
-                    data=grain.checkpoint.CheckpointSave(batches),
+                    state=ocp.args.StandardSave({"params": job.params, "opt_state": job.opt_state, "key": job.key}),
+                    data=grain.checkpoint.CheckpointSave(job.batches),
                     meta=ocp.args.JsonSave({"step": step, "train_config": config.to_json()}),
                 ),
             )
-        bar.update()
     bar.close()
     manager.wait_until_finished()
     manager.close()
 
-    export_dir = None
-    if config.export:
-        host_params, host_frozen = _gather(params), _gather(frozen)
-        if is_main:
-            model = eqx.combine(jax.tree.map(jnp.asarray, host_params), jax.tree.map(jnp.asarray, host_frozen), static)
-            export_dir = checkpoint.save_pretrained(model, out / "export")
-            for name in TOKENIZER_FILES:
-                if (tokenizer_folder / name).is_file():
-                    shutil.copy2(tokenizer_folder / name, export_dir / name)
-    if is_main and config.plot:
-        plot_losses(history, out / "loss.png")
-    return Run(output_dir=out, history=history, export_dir=export_dir, final_step=config.steps)
+
+def _export(config: TrainConfig, out: Path, job: _Job) -> Path | None:
+    """The trained model as a Hugging Face folder `out/export` with the tokenizer's files
+    (written by process 0, which **returns** its path; the others return None)."""
+    host_params, host_frozen = _gather(job.params), _gather(job.frozen)
+    if jax.process_index() != 0:
+        return None
+    model = eqx.combine(jax.tree.map(jnp.asarray, host_params), jax.tree.map(jnp.asarray, host_frozen), job.static)
+    export_dir = checkpoint.save_pretrained(model, out / "export")
+    for name in TOKENIZER_FILES:
+        if (job.tokenizer_folder / name).is_file():
+            shutil.copy2(job.tokenizer_folder / name, export_dir / name)
+    return export_dir
 
 
 def optimizer_lr(config: TrainConfig, step: int) -> float:
