@@ -263,9 +263,21 @@ def test_model_bfloat16_logits_match_transformers_bfloat16(family, tmp_path):
         # 1 of 32 tokens in qwen3_moe's case); a token whose experts differ in any layer changes
         # every later logit of its row, so rows are compared up to their first such token
         k = ref.config.num_experts_per_tok
+        differs, untied = np.zeros(ids.shape, bool), np.zeros(ids.shape, bool)
         for name, logits in zip(routers, theirs.router_logits, strict=True):
-            index = torch.topk(torch.softmax(logits.float(), -1), k).indices.reshape(*ids.shape, k).numpy()
-            same = (np.sort(np.asarray(acts[name]), -1) == np.sort(index, -1)).all(-1)
-            compared &= np.cumprod(same, axis=1).astype(bool)
-        assert compared.mean() >= 0.75, f"routing differs at {(~compared).sum()} of {compared.size} tokens"
+            top = torch.topk(torch.softmax(logits.float(), -1), min(k + 1, logits.shape[-1]))
+            index = top.indices[:, :k].reshape(*ids.shape, k).numpy()
+            values = top.values.reshape(*ids.shape, -1).numpy()
+            # transformers' own probabilities exactly tied at the k-th place (equal bfloat16
+            # logits): torch.topk's order among equal values is implementation-defined
+            tied = (values[..., k - 1] == values[..., k]) if values.shape[-1] > k else np.zeros(ids.shape, bool)
+            d = ~(np.sort(np.asarray(acts[name]), -1) == np.sort(index, -1)).all(-1)
+            differs, untied = differs | d, untied | (d & ~tied)
+        compared = np.cumprod(~differs, axis=1).astype(bool)
+        # a row cut at such a tie (measured: 1, qwen2_moe's row 0 at token 5, in layer 1) is not
+        # counted against the coverage: either expert is transformers' routing
+        first = np.argmax(differs, axis=1)
+        cut_at_tie = differs.any(1) & ~untied[np.arange(len(first)), first]
+        covered = compared | cut_at_tie[:, None]
+        assert covered.mean() >= 0.75, f"routing differs at {(~compared).sum()} of {compared.size} tokens"
     np.testing.assert_allclose(_np(got)[compared], want[compared], atol=BF16_LOGITS_ATOL.get(family, 0.14), rtol=0)

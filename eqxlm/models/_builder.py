@@ -82,14 +82,16 @@ class RopeSpec:
 class MoESpec:
     """A sparse mixture-of-experts MLP (see [`eqxlm.nn.SparseMoE`][]): `num_experts`,
     `top_k`, each expert's `intermediate_size`, `normalize` (renormalise the top-k routing
-    weights), `shared_intermediate_size` (a shared expert with a sigmoid gate, or None), and
-    `sparse_layers` (per layer: True = experts, False = the dense MLP of the spec's
+    weights), `float32_weights` (routing weights kept float32 into the combine, as Mixtral's
+    router; False: rounded to the activations' dtype), `shared_intermediate_size` (a shared
+    expert with a sigmoid gate, or None), and `sparse_layers` (per layer: True = experts, False = the dense MLP of the spec's
     `intermediate_size`; None = every layer sparse)."""
 
     num_experts: int
     top_k: int
     intermediate_size: int
     normalize: bool = True
+    float32_weights: bool = False
     shared_intermediate_size: int | None = None
     sparse_layers: tuple[bool, ...] | None = None
 
@@ -234,6 +236,7 @@ def make_layer(spec: DecoderSpec, i: int, dtype, key: PRNGKeyArray) -> DecoderLa
             moe.num_experts,
             moe.top_k,
             normalize=moe.normalize,
+            float32_weights=moe.float32_weights,
             shared_intermediate_size=moe.shared_intermediate_size,
             activation=activation(spec.activation),
             dtype=dtype,

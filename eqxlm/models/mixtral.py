@@ -1,6 +1,6 @@
 """Mixtral: Mistral's attention (grouped-query, optional sliding window) with a sparse
 mixture-of-experts MLP in every layer: softmax over all experts in float32, top-k,
-renormalised to sum to one (`MixtralTopKRouter`). Checkpoints name the block
+renormalised to sum to one, the weights left float32 (`MixtralTopKRouter`). Checkpoints name the block
 `block_sparse_moe` and the expert projections `w1` (gate), `w3` (up), `w2` (down), one
 tensor per expert."""
 
@@ -70,7 +70,9 @@ class MixtralConfig(BaseConfig):
             activation=self.hidden_act,
             tie_word_embeddings=self.tie_word_embeddings,
             initializer_range=self.initializer_range,
-            moe=MoESpec(self.num_local_experts, self.num_experts_per_tok, self.intermediate_size, normalize=True),
+            moe=MoESpec(
+                self.num_local_experts, self.num_experts_per_tok, self.intermediate_size, normalize=True, float32_weights=True
+            ),
         )
 
     def key_map(self) -> KeyMap:

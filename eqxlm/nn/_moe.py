@@ -10,16 +10,15 @@ of the stacked axis `experts.{e}` because the class says `stacked_field = "exper
 Routing (`MixtralTopKRouter`, `Qwen3MoeTopKRouter`, `OlmoeTopKRouter`, `Qwen2MoeTopKRouter`
 in transformers 5.23 all compute this): `softmax(logits in float32)`, top-k of the
 probabilities, optionally renormalised to sum to one (`normalize`: Mixtral always,
-the others when `norm_topk_prob`), then cast to the logits' dtype. (`MixtralTopKRouter`
-leaves the weights float32, so transformers' bfloat16 Mixtral scales each expert's output by
-unrounded weights where eqxlm's rounds them to bfloat16 first.) Exact ties break toward
-the lower expert index (`jax.lax.top_k`). `torch.topk`'s order among exactly equal values on
-CPU is implementation-defined (of four equal values it picks experts 2 and 3), so an exact
-tie (e.g. an all-zero router) is the one case where the selection can differ from
-transformers'; distinct probabilities select the same experts in the same order.
+the others when `norm_topk_prob`). `MixtralTopKRouter` leaves the weights float32, the others
+round them to the logits' dtype (`SparseMoE.float32_weights`, which the family sets). Exact
+ties break toward the lower expert index (`jax.lax.top_k`). `torch.topk`'s order among
+exactly equal values on CPU is implementation-defined (of four equal values it picks experts
+2 and 3), so an exact tie (e.g. an all-zero router) is the one case where the selection can
+differ from transformers'; distinct probabilities select the same experts in the same order.
 
-Three dispatch paths, chosen from static shapes, give the same numbers (up to the summation
-order inside a matrix product):
+Three dispatch paths, chosen from static shapes, give the same numbers (in reduced precision
+the same bits; in float32 up to the summation order inside a matrix product):
 
 - `"gather"` (decode: `tokens * top_k <= 2 * experts`): one (token, expert) pair at a time,
   each reading only its expert's weights, so a one-token step reads `top_k` of the experts;
@@ -35,8 +34,19 @@ is chosen from `batch * seq` tokens. Batched row by row, the expert choice itsel
 become batched: `lax.switch` runs every branch (every expert for every row) and an index
 into the stack copies the selected weights; together, each pair reads only its expert.
 
-The selected experts' outputs are summed per token in ascending expert index, starting from
-zeros, as transformers' expert loop with `index_add_` does.
+The combine is transformers' default experts implementation in 5.23 (`grouped_mm`; `batched_mm`
+combines the same way): each selected expert's output (rounded to the activations' dtype) times
+its routing weight in the wider of the two dtypes (Mixtral: float32; the others: the weights'
+bfloat16, the product rounded), summed over the `k` slots in routing order in float32, rounded
+once. (The `"eager"` loop differs in reduced precision: it adds each product, rounded, into a
+buffer of the activations' dtype with `index_add_`, in ascending expert order, rounding after
+every add.)
+
+In reduced precision every intermediate that torch rounds (each projection, the activation, the
+gated product, the combine's terms and sum) is rounded here too, with `jax.lax.reduce_precision`
+before the cast: XLA may drop a cast to bfloat16 that is followed by one back to float32 (it
+allows itself excess precision) and carry the float32 value on, which moved the gather and
+grouped paths off transformers' numbers. So the three paths give the same bits.
 """
 
 import functools
@@ -51,7 +61,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from .._typing import typecheck
 from ._activations import in_float32, silu
 from ._kinds import AbstractSequenceWise, AbstractStacked, AbstractTapped
-from ._linear import einsum, make_linear, matmul
+from ._linear import accumulator, make_linear
 from ._mlp import GatedMLP
 from ._taps import each_token, tap
 
@@ -60,21 +70,65 @@ DISPATCH = ("auto", "gather", "grouped", "dense")
 
 @typecheck
 def route(logits: Float[Array, "seq experts"], top_k: int, normalize: bool) -> tuple[Float[Array, "seq k"], Int[Array, "seq k"]]:
-    """The routing weights and selected experts from router `logits`: softmax in float32,
-    top-k (exact ties toward the lower index), renormalised when `normalize`, cast back to the
-    logits' dtype."""
+    """The routing weights (float32) and selected experts from router `logits`: softmax in
+    float32, top-k (exact ties toward the lower index), renormalised when `normalize`."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, index = jax.lax.top_k(probs, top_k)
     if normalize:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return weights.astype(logits.dtype), index.astype(jnp.int32)
+        # a true division, as torch's: XLA turns `a / broadcast(b)` into `a * (1 / b)`
+        total = jax.lax.optimization_barrier(jnp.broadcast_to(jnp.sum(weights, axis=-1, keepdims=True), weights.shape))
+        weights = weights / total
+    return weights, index.astype(jnp.int32)
+
+
+def _round_as(x: Array, dtype) -> Array:
+    """`x` (float32) rounded to `dtype`'s precision and kept float32; `x` itself for a dtype
+    of 32 bits or more. A cast to `dtype` alone is not kept: XLA may drop a cast to bfloat16
+    followed by one back to float32 (excess precision), `reduce_precision` it keeps."""
+    info = jnp.finfo(dtype)
+    if info.bits >= 32:
+        return x
+    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
+def _rounded(x: Array, dtype) -> Array:
+    """`x` (an accumulator) as `dtype`, rounded once, as torch rounds a result."""
+    return _round_as(x, dtype).astype(dtype)
+
+
+def _wide(x: Array) -> Array:
+    """`x`'s values in its accumulator dtype, exactly `x`'s even where XLA dropped its last
+    rounding (see [`_round_as`][])."""
+    return _round_as(x.astype(accumulator(x.dtype)), x.dtype)
+
+
+def _mm(a: Array, b: Array) -> Array:
+    """`a @ b` accumulated in float32 and rounded once (`F.linear` in bfloat16)."""
+    return _rounded(jnp.matmul(a, b, preferred_element_type=accumulator(a.dtype)), a.dtype)
+
+
+def _gated(gate: Array, up: Array, activation: Callable) -> Array:
+    """`activation(gate) * up`, the product rounded once to their dtype, as torch's."""
+    return _rounded(_wide(activation(gate)) * _wide(up), up.dtype)
+
+
+def combine(contrib: Float[Array, "seq k hidden"], weights: Float[Array, "seq k"]) -> Float[Array, "seq hidden"]:
+    """The selected experts' outputs `contrib` weighted by `weights` and summed per token, as
+    transformers' `grouped_mm` experts: each product in the wider of the two dtypes (rounded to
+    it), summed over the `k` slots in order in float32, rounded once to `contrib`'s dtype."""
+    product_dtype = max(contrib.dtype, weights.dtype, key=lambda d: jnp.finfo(d).bits)
+    terms = _round_as(_wide(contrib) * _wide(weights)[..., None], product_dtype)
+    out = terms[:, 0]
+    for j in range(1, terms.shape[1]):
+        out = out + terms[:, j]
+    return _rounded(out, contrib.dtype)
 
 
 def _expert_mlp(x, gate_w, up_w, down_w, activation):
     """One gated MLP on rows `x` with weights in `(out, in)` layout (a block of the grouped
     path: input-first, `x @ w.T`, which XLA:CPU ran faster than the weight-first form for a
     prefill layer; benchmarks/NOTES.md, "Mixture of experts")."""
-    return matmul(activation(matmul(x, gate_w.T)) * matmul(x, up_w.T), down_w.T)
+    return _mm(_gated(_mm(x, gate_w.T), _mm(x, up_w.T), activation), down_w.T)
 
 
 @functools.partial(jax.jit, static_argnums=(5, 6))
@@ -143,9 +197,13 @@ def _gather_indexed(x, index, gate_w, up_w, down_w, activation, block_size):
     # The same numbers by indexing the stack: what differentiation uses (reverse mode through
     # a `lax.switch` on a batched index fails in jax 0.10: no transpose for `stop_gradient`).
     g, u, d = gate_w[index], up_w[index], down_w[index]  # (seq, k, ...)
-    h = activation(einsum("sh,skih->ski", x, g)) * einsum("sh,skih->ski", x, u)
-    return einsum("ski,skhi->skh", h, d)
+    h = _gated(_einsum("sh,skih->ski", x, g), _einsum("sh,skih->ski", x, u), activation)
+    return _einsum("ski,skhi->skh", h, d)
 
+
+def _einsum(subscripts, a, b):
+    """[`_mm`][] as an einsum."""
+    return _rounded(jnp.einsum(subscripts, a, b, preferred_element_type=accumulator(a.dtype)), a.dtype)
 
 
 def _dense(x, index, gate_w, up_w, down_w, activation, block_size):
@@ -153,7 +211,7 @@ def _dense(x, index, gate_w, up_w, down_w, activation, block_size):
     # copied every expert's weights into the transposed layout first (NOTES.md)
     def expert(g, u, d):
         xt = x.T
-        return matmul(d, activation(matmul(g, xt)) * matmul(u, xt)).T
+        return _mm(d, _gated(_mm(g, xt), _mm(u, xt), activation)).T
 
     out = jax.vmap(expert)(gate_w, up_w, down_w)  # (experts, seq, hidden)
     return out[index, jnp.arange(x.shape[0])[:, None]]  # (seq, k, hidden)
@@ -260,7 +318,10 @@ class SparseMoE(AbstractSequenceWise, AbstractStacked, AbstractTapped):
     stacked over experts (leaves `(num_experts, ...)`); optional `shared_expert` (a
     `GatedMLP` every token goes through) scaled by `sigmoid(shared_expert_gate(x))`
     (Qwen2-MoE). `dispatch` is `"auto"` (gather for few tokens, grouped otherwise) or one
-    path forced: `"gather"`, `"grouped"`, `"dense"`.
+    path forced: `"gather"`, `"grouped"`, `"dense"`; every path gives the same numbers.
+    `float32_weights`: the routing weights stay float32 into the combine (Mixtral's router)
+    instead of being rounded to the activations' dtype (Qwen2-MoE, Qwen3-MoE, OLMoE); only
+    reduced precision tells them apart.
     """
 
     gate: eqx.nn.Linear
@@ -270,6 +331,7 @@ class SparseMoE(AbstractSequenceWise, AbstractStacked, AbstractTapped):
     num_experts: int = eqx.field(static=True)
     top_k: int = eqx.field(static=True)
     normalize: bool = eqx.field(static=True)
+    float32_weights: bool = eqx.field(static=True, default=False)
     dispatch: str = eqx.field(static=True, default="auto")
     block_size: int = eqx.field(static=True, default=64)
 
@@ -284,6 +346,7 @@ class SparseMoE(AbstractSequenceWise, AbstractStacked, AbstractTapped):
         top_k: int,
         *,
         normalize: bool = True,
+        float32_weights: bool = False,
         shared_intermediate_size: int | None = None,
         activation: Callable = silu,
         dispatch: str = "auto",
@@ -294,6 +357,8 @@ class SparseMoE(AbstractSequenceWise, AbstractStacked, AbstractTapped):
         """**Arguments:** `hidden_size`; `intermediate_size` of each expert (HF
         `moe_intermediate_size`, Mixtral `intermediate_size`); `num_experts`; `top_k`
         (`num_experts_per_tok`); `normalize` (renormalise the top-k weights);
+        `float32_weights` (keep the routing weights float32 rather than round them to the
+        activations' dtype);
         `shared_intermediate_size` (a shared expert with its sigmoid gate, or None);
         `activation`; `dispatch`; `block_size` (rows per block of the grouped path);
         `dtype`; `key`."""
@@ -314,6 +379,7 @@ class SparseMoE(AbstractSequenceWise, AbstractStacked, AbstractTapped):
         self.num_experts = num_experts
         self.top_k = top_k
         self.normalize = normalize
+        self.float32_weights = float32_weights
         self.dispatch = dispatch
         self.block_size = block_size
 
@@ -321,10 +387,13 @@ class SparseMoE(AbstractSequenceWise, AbstractStacked, AbstractTapped):
     def router(
         self, x: Float[Array, "seq hidden"], *, taps=None
     ) -> tuple[Float[Array, "seq experts"], Float[Array, "seq k"], Int[Array, "seq k"]]:
-        """Router logits, routing weights and selected experts for every token of `x`
-        (`taps`: the `eqxlm.inspect` points of [`__call__`][]; patched logits re-route)."""
-        logits = tap(taps, "router_logits", matmul(x, self.gate.weight.T))
+        """Router logits, routing weights (float32 when `float32_weights`, else `x`'s dtype)
+        and selected experts for every token of `x` (`taps`: the `eqxlm.inspect` points of
+        [`__call__`][]; patched logits re-route)."""
+        logits = tap(taps, "router_logits", _mm(x, self.gate.weight.T))
         weights, index = route(logits, self.top_k, self.normalize)
+        if not self.float32_weights:
+            weights = _rounded(weights, x.dtype)
         return logits, tap(taps, "routing_weights", weights), tap(taps, "selected_experts", index)
 
     def path(self, tokens: int) -> str:
@@ -343,14 +412,9 @@ class SparseMoE(AbstractSequenceWise, AbstractStacked, AbstractTapped):
             x, index, e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight,
             activation=e.activation, dispatch=self.dispatch, block_size=self.block_size,
         )  # fmt: skip
-        # sum in ascending expert index from zeros (transformers' loop over experts)
-        order = jnp.argsort(index, axis=-1, stable=True)
-        contrib = jnp.take_along_axis(contrib, order[..., None], axis=1)
-        weights = jnp.take_along_axis(weights, order, axis=1)
-        out = jnp.zeros_like(x)
-        for j in range(self.top_k):
-            out = out + (contrib[:, j] * weights[:, j, None]).astype(x.dtype)
+        out = combine(contrib, weights)
         if self.shared_expert is not None:
             shared = each_token(self.shared_expert, x)
-            out = out + in_float32(jax.nn.sigmoid)(matmul(x, self.shared_expert_gate.weight.T)) * shared
+            shared = _gated(_mm(x, self.shared_expert_gate.weight.T), shared, in_float32(jax.nn.sigmoid))
+            out = _rounded(_wide(out) + _wide(shared), x.dtype)
         return out

@@ -246,8 +246,8 @@ MUTANTS = [
          replace="    if not normalize:\n",
          tests=["tests/test_moe.py", "-k", "block or router"]),
     dict(id="qwen2_moe-shared-expert-ungated", file="eqxlm/nn/_moe.py",
-         find="out = out + in_float32(jax.nn.sigmoid)(matmul(x, self.shared_expert_gate.weight.T)) * shared",
-         replace="out = out + shared",
+         find="shared = _gated(_mm(x, self.shared_expert_gate.weight.T), shared, in_float32(jax.nn.sigmoid))",
+         replace="pass",
          tests=["tests/test_moe.py", "-k", "qwen2"]),
     dict(id="moe-router-outputs-before-routing", file="eqxlm/nn/_moe.py",
          find='return logits, tap(taps, "routing_weights", weights), tap(taps, "selected_experts", index)',
@@ -509,16 +509,13 @@ MUTANTS = [
                  "    weights = jax.nn.softmax(weights, axis=-1)\n",
          tests=["tests/test_moe.py", "-k", "router_in_bfloat16"]),
     dict(id="moe-router-renormalisation-dropped", file="eqxlm/nn/_moe.py",
-         find="    if normalize:\n        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)",
-         replace="    if normalize and top_k > weights.shape[-1]:\n"
-                 "        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)",
+         find="        weights = weights / total\n",
+         replace="",
          tests=["tests/test_moe.py", "-k", "router_in_bfloat16"]),
     dict(id="moe-router-renormalised-in-bf16", file="eqxlm/nn/_moe.py",
-         find="    if normalize:\n        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)\n"
-              "    return weights.astype(logits.dtype), index.astype(jnp.int32)",
-         replace="    weights = weights.astype(logits.dtype)\n"
-                 "    if normalize:\n        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)\n"
-                 "    return weights, index.astype(jnp.int32)",
+         find="    weights, index = jax.lax.top_k(probs, top_k)\n    if normalize:",
+         replace="    weights, index = jax.lax.top_k(probs, top_k)\n"
+                 "    weights = weights.astype(logits.dtype)\n    if normalize:",
          tests=["tests/test_moe.py", "-k", "router_in_bfloat16"]),
     # -- issue 32: quick checks of the lm-eval adapter ---------------------------------------
     dict(id="harness-continuation-one-token-early", file="eqxlm/harness.py",
@@ -580,6 +577,28 @@ MUTANTS = [
          find="bad = [n[0] for _, node, n in chosen if bits == 4 and node.in_features % group_size]",
          replace="bad = [n[0] for _, node, n in chosen if bits == 4 and node.in_features < group_size]",
          tests=["tests/test_quantize.py", "-k", "group_size_must_divide"]),
+    # -- issue 32: moe bfloat16 combine --
+    dict(id="moe-mixtral-weights-rounded-before-combine", file="eqxlm/nn/_moe.py",
+         find="        if not self.float32_weights:\n",
+         replace="        if True:\n",
+         tests=["tests/test_moe.py", "-k", "block_in_bfloat16 and mixtral"]),
+    dict(id="moe-combine-accumulated-like-the-eager-loop", file="eqxlm/nn/_moe.py",
+         find="        out = out + terms[:, j]\n",
+         replace="        dt = contrib.dtype\n"
+                 "        out = _round_as(_round_as(out, dt) + _round_as(terms[:, j], dt), dt)\n",
+         tests=["tests/test_moe.py", "-k", "block_in_bfloat16 and (mixtral or olmoe)"]),
+    dict(id="moe-combine-terms-unrounded", file="eqxlm/nn/_moe.py",
+         find="    terms = _round_as(_wide(contrib) * _wide(weights)[..., None], product_dtype)\n",
+         replace="    terms = _wide(contrib) * _wide(weights)[..., None]\n",
+         tests=["tests/test_moe.py", "-k", "block_in_bfloat16 and olmoe"]),
+    dict(id="moe-gated-product-cast-only", file="eqxlm/nn/_moe.py",
+         find="    return _rounded(_wide(activation(gate)) * _wide(up), up.dtype)\n",
+         replace="    return activation(gate) * up\n",
+         tests=["tests/test_moe.py", "-k", "block_in_bfloat16 and qwen3_moe"]),
+    dict(id="moe-renormalised-by-reciprocal", file="eqxlm/nn/_moe.py",
+         find="        weights = weights / total\n",
+         replace="        weights = weights * (1 / total)\n",
+         tests=["tests/test_moe.py", "-k", "router_in_bfloat16 and mixtral"]),
     # -- issue 32: training --------------------------------------------------------------------
     dict(id="train-step-donates-the-batch", file="eqxlm/training.py",
          find='@eqx.filter_jit(donate="all-except-first")',
