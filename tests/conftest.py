@@ -9,8 +9,8 @@ from pathlib import Path
 
 # XLA's LLVM backend at -O0 for the default suite: tiny models spend most of their time
 # compiling, and this compiles them faster (measured: benchmarks/NOTES.md, "The test suite's
-# XLA level"). The math is the same (XLA:CPU does not use fast-math), but results can move by float32 rounding:
-# LLVM contracts multiply-adds into FMAs only when optimizing. Every tolerance here is above
+# XLA level"). The math is the same (XLA:CPU does not use fast-math), but results can move
+# by float32 rounding: LLVM contracts multiply-adds into FMAs only when optimizing. Every tolerance here is above
 # that (the scanned-layout check compares accuracy against float64 for this reason). CI's
 # second step runs at XLA's default level: EQXLM_TEST_XLA_OPT=default.
 if os.environ.get("EQXLM_TEST_XLA_OPT") != "default":
