@@ -77,6 +77,7 @@ class CohereConfig(BaseConfig):
         return out
 
     def decoder_spec(self) -> DecoderSpec:
+        from ..nn import Parallel  # here, not at the top: the layouts this family's spec picks
         norm = NormSpec("layer", self.layer_norm_eps, bias=False)
         return DecoderSpec(
             vocab_size=self.vocab_size,
@@ -90,8 +91,7 @@ class CohereConfig(BaseConfig):
             layer_windows=(None,) * self.num_hidden_layers,
             qk_norm="head_weights" if self.use_qk_norm else None,
             qk_norm_spec=norm,
-            parallel=True,
-            parallel_norms=1,
+            block=Parallel(norms=1),
             rope=RopeSpec(self.rope_theta, self.rope_scaling, interleaved=True),
             qkv_bias=self.attention_bias,
             o_bias=self.attention_bias,

@@ -139,6 +139,7 @@ class Gemma3TextConfig(BaseConfig):
         )
 
     def decoder_spec(self) -> DecoderSpec:
+        from ..nn import Sandwich  # here, not at the top: the layouts this family's spec picks
         norm = NormSpec("rms", self.rms_norm_eps, unit_offset=True, weight_in_float32=True)
         types = self.types_by_layer()
         return DecoderSpec(
@@ -150,7 +151,7 @@ class Gemma3TextConfig(BaseConfig):
             num_kv_heads=self.num_key_value_heads,
             head_dim=self.head_dim,
             norm=norm,
-            norms="sandwich",
+            block=Sandwich(),
             qk_norm="head",
             layer_windows=tuple(self.sliding_window if t == "sliding_attention" else None for t in types),
             embedding_scale=math.sqrt(self.hidden_size),

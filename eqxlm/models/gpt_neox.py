@@ -85,6 +85,7 @@ class GPTNeoXConfig(BaseConfig):
         return out
 
     def decoder_spec(self) -> DecoderSpec:
+        from ..nn import Parallel, PreNorm  # here, not at the top: the layouts this family's spec picks
         heads, head_dim = self.num_attention_heads, self.hidden_size // self.num_attention_heads
         return DecoderSpec(
             vocab_size=self.vocab_size,
@@ -96,8 +97,7 @@ class GPTNeoXConfig(BaseConfig):
             head_dim=head_dim,
             norm=NormSpec("layer", self.layer_norm_eps),
             layer_windows=(None,) * self.num_hidden_layers,
-            parallel=self.use_parallel_residual,
-            parallel_norms=2,
+            block=Parallel(norms=2) if self.use_parallel_residual else PreNorm(),
             rope=RopeSpec(self.rope_theta, self.rope_scaling, fraction=self.partial_rotary_factor),
             qkv_bias=self.attention_bias,
             o_bias=self.attention_bias,

@@ -76,6 +76,7 @@ class GraniteConfig(BaseConfig):
         return out
 
     def decoder_spec(self) -> DecoderSpec:
+        from ..nn import PreNorm  # here, not at the top: the layouts this family's spec picks
         return DecoderSpec(
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
@@ -90,7 +91,7 @@ class GraniteConfig(BaseConfig):
             qkv_bias=self.attention_bias,
             o_bias=self.attention_bias,
             query_scale=float(self.attention_multiplier),
-            residual_multiplier=float(self.residual_multiplier),
+            block=PreNorm(residual_multiplier=float(self.residual_multiplier)),
             embedding_scale=float(self.embedding_multiplier),
             logit_divisor=float(self.logits_scaling),
             activation=self.hidden_act,

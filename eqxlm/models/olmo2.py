@@ -1,5 +1,5 @@
 """OLMo-2: Llama's blocks with the norms moved to the outputs: attention and MLP outputs are
-normalised before their residual adds and the inputs are not (the builder's `norms="post"`);
+normalised before their residual adds and the inputs are not (the `PostNorm()` block layout);
 queries and keys are RMS-normalised over the whole projection (all heads at once, before
 rotary: `qk_norm="full"`); every RMSNorm multiplies its weight in float32 before casting back
 (`Olmo2RMSNorm`).
@@ -71,6 +71,7 @@ class Olmo2Config(BaseConfig):
         return out
 
     def decoder_spec(self) -> DecoderSpec:
+        from ..nn import PostNorm  # here, not at the top: the layouts this family's spec picks
         norm = NormSpec("rms", self.rms_norm_eps, weight_in_float32=True)
         return DecoderSpec(
             vocab_size=self.vocab_size,
@@ -81,7 +82,7 @@ class Olmo2Config(BaseConfig):
             num_kv_heads=self.num_key_value_heads or self.num_attention_heads,
             head_dim=self.hidden_size // self.num_attention_heads,
             norm=norm,
-            norms="post",
+            block=PostNorm(),
             qk_norm="full",
             layer_windows=(None,) * self.num_hidden_layers,
             rope=RopeSpec(self.rope_theta, self.rope_scaling),

@@ -89,6 +89,7 @@ class PhiConfig(BaseConfig):
         return out
 
     def decoder_spec(self) -> DecoderSpec:
+        from ..nn import Parallel  # here, not at the top: the layouts this family's spec picks
         head_dim = self.hidden_size // self.num_attention_heads
         norm = NormSpec("layer", self.layer_norm_eps)
         return DecoderSpec(
@@ -103,8 +104,7 @@ class PhiConfig(BaseConfig):
             layer_windows=(None,) * self.num_hidden_layers,
             qk_norm="head" if self.qk_layernorm else None,
             qk_norm_spec=norm,
-            parallel=True,
-            parallel_norms=1,
+            block=Parallel(norms=1),
             rope=RopeSpec(self.rope_theta, self.rope_scaling, fraction=self.partial_rotary_factor),
             qkv_bias=True,
             o_bias=True,
