@@ -82,13 +82,13 @@ def test_bloom_block_matches_hf(post_ln, heads):
     np.testing.assert_allclose(np.asarray(got), want[0].numpy(), atol=LAYER_ATOL, rtol=0)
 
 
-# one family per block layout: the layout its spec picks, and the class of layer it builds
+# one family per block layout: the layout its spec picks, the class of layer it builds, overrides
 LAYOUTS = {
-    "granite": (nn.PreNorm, nn.SequentialLayer),  # with Granite's residual multiplier
-    "gemma2": (nn.Sandwich, nn.SequentialLayer),
-    "olmo2": (nn.PostNorm, nn.SequentialLayer),
-    "phi": (nn.Parallel, nn.ParallelLayer),  # one norm
-    "gpt_neox": (nn.Parallel, nn.ParallelLayer),  # two norms
+    "granite": (nn.PreNorm, nn.SequentialLayer, {"residual_multiplier": 0.7}),
+    "gemma2": (nn.Sandwich, nn.SequentialLayer, {}),
+    "olmo2": (nn.PostNorm, nn.SequentialLayer, {}),
+    "phi": (nn.Parallel, nn.ParallelLayer, {}),  # one norm
+    "gpt_neox": (nn.Parallel, nn.ParallelLayer, {}),  # two norms
 }
 
 
@@ -96,13 +96,13 @@ LAYOUTS = {
 def test_each_block_layout_matches_the_hf_decoder_layer(family):
     """Layer 0 of each layout against its transformers layer (perturbed norms, so a norm
     in the wrong place shows), on the family's own rotary and mask."""
-    ref_model = hf_model(family)
+    layout, module, overrides = LAYOUTS[family]
+    ref_model = hf_model(family, **overrides)
     ref_model.config._attn_implementation = "eager"
     layer_cls = type(ref_model.base_model.layers[0])
     ref = _perturb(layer_cls(ref_model.config, layer_idx=0))
     config = lookup(family)[0].from_hf(ref_model.config.to_dict())
     spec = config.decoder_spec()
-    layout, module = LAYOUTS[family]
     assert isinstance(spec.block, layout)
     ours = copy_from_torch(make_layer(spec, 0, jnp.float32, jax.random.key(0)), ref, key_map=config.key_map())
     assert type(ours) is module
