@@ -72,13 +72,13 @@ import jax.numpy as jnp
 
 from . import module_paths as paths
 from .nn import (
+    AbstractDecoderLayer,
     AbstractPositionScheme,
     AbstractSequenceWise,
     AbstractTapped,
     AbstractTokenAxes,
     AbstractTransparent,
     Attention,
-    DecoderLayer,
     LayerStack,
     SparseMoE,
     _taps,
@@ -159,13 +159,13 @@ class Hook(AbstractTransparent, AbstractSequenceWise):
         module, config = self.module, self.config
         if inner_points:
             taps = _Taps(self, inner_points)
-            whole = (AbstractSequenceWise, AbstractTokenAxes, Attention, DecoderLayer)
+            whole = (AbstractSequenceWise, AbstractTokenAxes, Attention, AbstractDecoderLayer)
             if config.token_wise or args or kwargs or isinstance(module, whole):
                 return module(x, *args, taps=taps, **kwargs)
             return _per_token(lambda xt: module(xt, taps=taps), x)  # a part called one token at a time
         if config.token_wise and not (args or kwargs):  # one token (a projection inside an MLP)
             return project(module, x)
-        if config.token_wise or args or kwargs or isinstance(module, (Attention, DecoderLayer)):
+        if config.token_wise or args or kwargs or isinstance(module, (Attention, AbstractDecoderLayer)):
             return module(x, *args, **kwargs)
         if isinstance(module, eqx.nn.Linear):  # called through `eqxlm.nn.linear`, on the whole sequence
             return linear(module, x)
@@ -250,8 +250,11 @@ def _parse(model, name: str) -> tuple[str, str]:
     head, _, last = name.rpartition(".")
     if last in LAYER_POINTS and point == "output":
         module = _translate(model, head, names)
-        if not isinstance(names[module], DecoderLayer):
-            raise ValueError(f"{name}: {last!r} is a point of a decoder layer, and {module} is a {type(names[module]).__name__}.")
+        node = names[module]
+        if not isinstance(node, AbstractDecoderLayer):
+            raise ValueError(f"{name}: {last!r} is a point of a decoder layer, and {module} is a {type(node).__name__}.")
+        if LAYER_POINTS[last] not in ("input", "output", *_points(node)):  # a parallel layer has no `resid_mid`
+            raise ValueError(f"{name}: {module} is a {type(node).__name__}, which has no point {last!r}.")
         return module, LAYER_POINTS[last]
     tapped = {type(n) for n in names.values() if isinstance(n, AbstractTapped)} | set(_TAPPED)
     kinds = sorted({_TAPPED.get(cls, f"a {cls.__name__}") for cls in tapped if last in cls.tap_points})
@@ -422,7 +425,8 @@ def hook_names(model) -> list[str]:
         if _per_head_weights(names, name):
             continue
         out.append(name)
-        points = LAYER_POINTS if isinstance(node, DecoderLayer) else _points(node)
+        # every layer's input and output; `resid_mid` where the layer declares it (not a parallel one)
+        points = ("resid_pre", "resid_post", *_points(node)) if isinstance(node, AbstractDecoderLayer) else _points(node)
         out += [f"{name}.{p}" for p in points]
     return out
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf import hf_model, run_hf, save_hf
+from hf import TINY, hf_model, run_hf, save_hf
 
 import eqxlm
 from eqxlm import inspect, nn
@@ -119,7 +119,7 @@ def test_gradient_of_a_logit_wrt_an_activation_matches_a_hand_written_function(c
         frame_of = dict(zip(spec.windows, frames, strict=True))
         first, *rest = _layers(model)
         b = jax.vmap(first.post_attention_layernorm)(h)
-        x = (b if first.residual_from_norm else h) + feed_forward(first.mlp, b)
+        x = (b if isinstance(first, eqxlm.nn.NormResidualLayer) else h) + feed_forward(first.mlp, b)
         for layer in rest:
             x, _, _ = layer(x, frame_of[layer.self_attn.sliding_window])
         return model.logits(jax.vmap(model.model.norm)(x))[-1, token]
@@ -324,6 +324,20 @@ def test_norms_with_a_weight_per_head_are_refused_by_name(tmp_path):
         inspect.capture(model, "model.layers.0.self_attn.q_norm")
     assert "model.layers.0.self_attn.q_norm" not in inspect.hook_names(model)
     assert "model.layers.0.self_attn.q" in inspect.hook_names(model)
+
+
+def test_a_parallel_layer_offers_no_resid_mid_and_refuses_it_by_name():
+    """A parallel layer (GPT-NeoX) has no residual stream between attention and MLP: its
+    `resid_mid` is neither offered nor silently captured empty; every name it does offer
+    captures."""
+    model = eqxlm.DecoderLM(eqxlm.GPTNeoXConfig(**TINY["gpt_neox"]), key=jax.random.key(0))
+    names = inspect.hook_names(model)
+    assert "model.layers.0.resid_pre" in names and "model.layers.0.resid_post" in names
+    assert not [n for n in names if n.endswith("resid_mid")]
+    with pytest.raises(ValueError, match=r"model.layers.0.resid_mid: model.layers.0 is a ParallelLayer, .*no point 'resid_mid'"):
+        inspect.capture(model, "model.layers.0.resid_mid")
+    _, acts = run(inspect.capture(model, names), jnp.asarray(IDS))
+    assert set(acts) == set(names)
 
 
 @pytest.mark.parametrize("scan", [False, True])

@@ -42,7 +42,7 @@ class ToyConfig(eqxlm.BaseConfig):
 
 class ToyBackbone(eqx.Module):
     embed_tokens: eqx.nn.Embedding
-    layers: tuple[nn.DecoderLayer, ...]
+    layers: tuple[nn.ParallelLayer, ...]
     norm: nn.RMSNorm
 
     def __call__(
@@ -77,7 +77,7 @@ class ToyLM(TiedToyHead, eqxlm.AbstractCausalLM):
     model: ToyBackbone
     config: ToyConfig = eqx.field(static=True)
     generation_config: eqxlm.GenerationConfig | None = eqx.field(static=True, default=None)
-    remat_types: ClassVar[tuple[type, ...]] = (nn.DecoderLayer,)
+    remat_types: ClassVar[tuple[type, ...]] = (nn.AbstractDecoderLayer,)
 
     def __init__(self, config, *, key, dtype=jnp.float32, generation_config=None):
         d, h = config.hidden_size, config.num_heads
@@ -95,7 +95,7 @@ class ToyLM(TiedToyHead, eqxlm.AbstractCausalLM):
                 key=k1,
             )
             mlp = nn.MLP(d, 2 * d, activation=jax.nn.relu, dtype=dtype, key=k2)
-            return nn.DecoderLayer(nn.RMSNorm(d, 1e-5, dtype=dtype), attn, None, mlp, parallel=True)
+            return nn.Parallel(norms=1).make(attn, mlp, lambda: nn.RMSNorm(d, 1e-5, dtype=dtype))
 
         embed = eqx.nn.Embedding(config.vocab_size, d, dtype=dtype, key=keys[0])
         self.model = ToyBackbone(embed, tuple(layer(k) for k in keys[1:]), nn.RMSNorm(d, 1e-5, dtype=dtype))

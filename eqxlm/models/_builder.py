@@ -19,15 +19,17 @@ from .._memory import check_constructor
 from .._typing import typecheck
 from ..nn import (
     MLP,
+    AbstractBlock,
+    AbstractDecoderLayer,
     AbstractSequenceWise,
     ALiBi,
     Attention,
     Cache,
-    DecoderLayer,
     GatedMLP,
     KVCache,
     LayerNorm,
     LayerStack,
+    PreNorm,
     RMSNorm,
     RopeScaling,
     RotaryEmbedding,
@@ -106,10 +108,11 @@ class DecoderSpec:
     Sizes: `vocab_size`, `hidden_size`, `intermediate_size`, `num_layers`, `num_heads`,
     `num_kv_heads`, `head_dim`.
     Norms: `norm` (every norm of the model unless overridden), `qk_norm` (None, `"head"`,
-    `"full"`) with `qk_norm_spec`; per-layer norm placement `norms`: `"pre"` (Llama: before
-    attention and MLP), `"sandwich"` (Gemma 2: before and after each), `"post"` (OLMo-2: after
-    each only); `parallel` residual with `parallel_norms` 1 (Phi, Cohere) or 2 (GPT-NeoX);
-    `residual_from_norm` (BLOOM); `residual_multiplier` (Granite); `final_norm`.
+    `"full"`) with `qk_norm_spec`; `final_norm`.
+    Block: `block`, the layout of every layer (an [`eqxlm.nn.AbstractBlock`][]):
+    `PreNorm()` (Llama; `PreNorm(residual_multiplier=...)`: Granite), `Sandwich()` (Gemma 2),
+    `PostNorm()` (OLMo-2), `NormResidual()` (BLOOM), `Parallel(norms=1)` (Phi, Cohere) or
+    `Parallel(norms=2)` (GPT-NeoX), or a layout of one's own.
     Embeddings: `embedding_scale` (multiplied in the compute dtype: Gemma's
     `sqrt(hidden_size)`; Granite's `embedding_multiplier`), `embedding_norm` (BLOOM),
     `learned_positions` (GPT-2: the number of position embeddings).
@@ -136,11 +139,7 @@ class DecoderSpec:
     layer_windows: tuple[int | None, ...]
     qk_norm: str | None = None
     qk_norm_spec: NormSpec | None = None
-    norms: str = "pre"
-    parallel: bool = False
-    parallel_norms: int = 1
-    residual_from_norm: bool = False
-    residual_multiplier: float | None = None
+    block: AbstractBlock = PreNorm()
     final_norm: bool = True
     embedding_scale: float | None = None
     embedding_norm: bool = False
@@ -167,8 +166,11 @@ class DecoderSpec:
         if len(self.layer_windows) != self.num_layers:
             raise ValueError(f"DecoderSpec: {len(self.layer_windows)} layer windows for {self.num_layers} layers.")
         activation(self.activation)  # an unsupported name: `UnsupportedActivation`, named by the config's field
-        if self.norms not in ("pre", "sandwich", "post"):
-            raise ValueError(f"DecoderSpec: norms must be 'pre', 'sandwich' or 'post', got {self.norms!r}.")
+        if not callable(getattr(self.block, "make", None)) or type(self.block).__hash__ is None:
+            raise TypeError(
+                f"DecoderSpec: block must be a block layout (a frozen dataclass with `make`, e.g. eqxlm.nn.PreNorm()), "
+                f"got {type(self.block).__name__}."
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"DecoderSpec: num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads}).")
         if self.positions == "rope":  # rope settings the part refuses (longrope factor lengths, ...) fail here, by name
@@ -199,7 +201,7 @@ def _init_normal(module, std: float, key: PRNGKeyArray):
     return eqx.tree_at(biased, module, [jnp.zeros_like(b) for b in biased(module)])
 
 
-def make_layer(spec: DecoderSpec, i: int, dtype, key: PRNGKeyArray) -> DecoderLayer:
+def make_layer(spec: DecoderSpec, i: int, dtype, key: PRNGKeyArray) -> AbstractDecoderLayer:
     """Layer `i` of `spec`, initialised as transformers initialises."""
     k_attn, k_mlp, k_init = jax.random.split(key, 3)
     window = spec.layer_windows[i]
@@ -251,23 +253,7 @@ def make_layer(spec: DecoderSpec, i: int, dtype, key: PRNGKeyArray) -> DecoderLa
             dtype=dtype,
             key=k_mlp,
         )
-    norm = lambda: spec.norm.make(spec.hidden_size, dtype)  # noqa: E731
-    pre = spec.norms in ("pre", "sandwich")
-    post = spec.norms in ("sandwich", "post")
-    if spec.parallel:
-        second = norm() if spec.parallel_norms == 2 else None
-        layer = DecoderLayer(norm(), attn, second, mlp, parallel=True)
-    else:
-        layer = DecoderLayer(
-            input_layernorm=norm() if pre else None,
-            self_attn=attn,
-            post_attention_layernorm=norm() if pre else None,
-            mlp=mlp,
-            attn_out_norm=norm() if post else None,
-            mlp_out_norm=norm() if post else None,
-            residual_from_norm=spec.residual_from_norm,
-            residual_multiplier=spec.residual_multiplier,
-        )
+    layer = spec.block.make(attn, mlp, lambda: spec.norm.make(spec.hidden_size, dtype))
     return _init_normal(layer, spec.initializer_range, k_init)
 
 
@@ -328,7 +314,7 @@ class Decoder(eqx.Module):
     embed_tokens: eqx.nn.Embedding
     embed_positions: eqx.nn.Embedding | None
     embed_norm: RMSNorm | LayerNorm | None
-    layers: tuple[DecoderLayer, ...] | LayerStack
+    layers: tuple[AbstractDecoderLayer, ...] | LayerStack
     norm: RMSNorm | LayerNorm | None
     spec: DecoderSpec = eqx.field(static=True)
 
@@ -416,7 +402,7 @@ class DecoderLM(AbstractCausalLM):
     lm_head: eqx.nn.Linear | None
     config: Any = eqx.field(static=True)
     generation_config: GenerationConfig | None = eqx.field(static=True, default=None)
-    remat_types: ClassVar[tuple[type, ...]] = (DecoderLayer,)
+    remat_types: ClassVar[tuple[type, ...]] = (AbstractDecoderLayer,)
 
     def __init__(
         self,

@@ -1,7 +1,7 @@
 """BLOOM: embeddings -> LayerNorm -> N x (LayerNorm, ALiBi attention, LayerNorm, 4h GELU MLP) -> LayerNorm -> tied head.
 
 Builder choices: LayerNorm everywhere, an embedding LayerNorm, ALiBi, biases on every
-projection, a plain MLP with BLOOM's GELU, `residual_from_norm` for
+projection, a plain MLP with BLOOM's GELU, the `NormResidual()` block layout for
 `apply_residual_connection_post_layernorm`. Key map: `transformer.h.{i}.self_attention`,
 the fused `query_key_value` interleaved per head, `dense_h_to_4h`/`dense_4h_to_h`; files
 saved from `BloomModel` lack the `transformer.` prefix (an alias).
@@ -10,6 +10,7 @@ saved from `BloomModel` lack the `transformer.` prefix (an alias).
 import dataclasses
 from typing import Any, ClassVar
 
+from ..nn import NormResidual, PreNorm
 from ..params import Fused, KeyMap
 from ._builder import DecoderSpec, NormSpec
 from ._config import BaseConfig, ConfigError
@@ -98,7 +99,7 @@ class BloomConfig(BaseConfig):
             head_dim=self.hidden_size // self.n_head,
             norm=NormSpec("layer", self.layer_norm_epsilon),
             layer_windows=(None,) * self.n_layer,
-            residual_from_norm=self.apply_residual_connection_post_layernorm,
+            block=NormResidual() if self.apply_residual_connection_post_layernorm else PreNorm(),
             embedding_norm=True,
             positions="alibi",
             rope=None,

@@ -8,7 +8,7 @@ Checkpoint names are Llama's.
 import dataclasses
 from typing import ClassVar
 
-from ..nn import RopeScaling
+from ..nn import Parallel, RopeScaling
 from ..params import DEFAULT_RULES
 from ._builder import DecoderSpec, NormSpec
 from ._config import BaseConfig
@@ -61,8 +61,7 @@ class CohereConfig(BaseConfig):
             layer_windows=(None,) * self.num_hidden_layers,
             qk_norm="head_weights" if self.use_qk_norm else None,
             qk_norm_spec=norm,
-            parallel=True,
-            parallel_norms=1,
+            block=Parallel(norms=1),
             rope=self.rope_spec(interleaved=True),
             qkv_bias=self.attention_bias,
             o_bias=self.attention_bias,

@@ -1,6 +1,6 @@
 """Gemma 2: Gemma's `(1 + weight)` float32 RMSNorm and `sqrt(hidden_size)` embedding scale,
 with four norms per layer (before and after attention, before and after the MLP: the
-builder's `norms="sandwich"`), attention-logit and final-logit soft-capping (`c * tanh(x / c)`),
+`Sandwich()` block layout), attention-logit and final-logit soft-capping (`c * tanh(x / c)`),
 queries scaled by `query_pre_attn_scalar ** -0.5`, and sliding and global layers as
 `layer_types` says (by default sliding on even layers).
 
@@ -14,7 +14,7 @@ import dataclasses
 import math
 from typing import ClassVar
 
-from ..nn import RopeScaling
+from ..nn import RopeScaling, Sandwich
 from ..params import KeyMap
 from ._builder import DecoderSpec, NormSpec
 from ._config import BaseConfig, ConfigError
@@ -92,7 +92,7 @@ class Gemma2Config(BaseConfig):
             num_kv_heads=self.num_key_value_heads,
             head_dim=self.head_dim,
             norm=NormSpec("rms", self.rms_norm_eps, unit_offset=True, weight_in_float32=True),
-            norms="sandwich",
+            block=Sandwich(),
             layer_windows=self.windows_by_layer(),
             embedding_scale=math.sqrt(self.hidden_size),
             rope=self.rope_spec(),

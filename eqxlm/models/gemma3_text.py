@@ -12,7 +12,7 @@ import dataclasses
 import math
 from typing import Any, ClassVar
 
-from ..nn import RopeScaling
+from ..nn import RopeScaling, Sandwich
 from ..params import KeyMap
 from ._builder import DecoderSpec, NormSpec
 from ._config import LAYER_TYPES, BaseConfig, ConfigError, rope_from_hf, rope_to_hf
@@ -135,7 +135,7 @@ class Gemma3TextConfig(BaseConfig):
             num_kv_heads=self.num_key_value_heads,
             head_dim=self.head_dim,
             norm=norm,
-            norms="sandwich",
+            block=Sandwich(),
             qk_norm="head",
             layer_windows=tuple(self.sliding_window if t == "sliding_attention" else None for t in types),
             embedding_scale=math.sqrt(self.hidden_size),

@@ -9,7 +9,7 @@ Checkpoint names: `gpt_neox.embed_in`, `gpt_neox.layers.{i}.attention.{query_key
 import dataclasses
 from typing import Any, ClassVar
 
-from ..nn import RopeScaling
+from ..nn import Parallel, PreNorm, RopeScaling
 from ..params import Fused, KeyMap
 from ._builder import DecoderSpec, NormSpec
 from ._config import BaseConfig, ConfigError
@@ -76,8 +76,7 @@ class GPTNeoXConfig(BaseConfig):
             head_dim=head_dim,
             norm=NormSpec("layer", self.layer_norm_eps),
             layer_windows=(None,) * self.num_hidden_layers,
-            parallel=self.use_parallel_residual,
-            parallel_norms=2,
+            block=Parallel(norms=2) if self.use_parallel_residual else PreNorm(),
             rope=self.rope_spec(fraction=self.partial_rotary_factor),
             qkv_bias=self.attention_bias,
             o_bias=self.attention_bias,

@@ -8,7 +8,7 @@ reciprocal can differ in the last bit). Checkpoint names are Llama's.
 import dataclasses
 from typing import ClassVar
 
-from ..nn import RopeScaling
+from ..nn import PreNorm, RopeScaling
 from ._builder import DecoderSpec, NormSpec
 from ._config import BaseConfig, ConfigError
 from ._registry import register
@@ -65,7 +65,7 @@ class GraniteConfig(BaseConfig):
             qkv_bias=self.attention_bias,
             o_bias=self.attention_bias,
             query_scale=float(self.attention_multiplier),
-            residual_multiplier=float(self.residual_multiplier),
+            block=PreNorm(residual_multiplier=float(self.residual_multiplier)),
             embedding_scale=float(self.embedding_multiplier),
             logit_divisor=float(self.logits_scaling),
             activation=self.hidden_act,

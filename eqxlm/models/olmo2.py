@@ -1,5 +1,5 @@
 """OLMo-2: Llama's blocks with the norms moved to the outputs: attention and MLP outputs are
-normalised before their residual adds and the inputs are not (the builder's `norms="post"`);
+normalised before their residual adds and the inputs are not (the `PostNorm()` block layout);
 queries and keys are RMS-normalised over the whole projection (all heads at once, before
 rotary: `qk_norm="full"`); every RMSNorm multiplies its weight in float32 before casting back
 (`Olmo2RMSNorm`).
@@ -11,7 +11,7 @@ builder's `attn_out_norm`), its `post_feedforward_layernorm` the builder's `mlp_
 import dataclasses
 from typing import ClassVar
 
-from ..nn import RopeScaling
+from ..nn import PostNorm, RopeScaling
 from ..params import KeyMap
 from ._builder import DecoderSpec, NormSpec
 from ._config import BaseConfig
@@ -58,7 +58,7 @@ class Olmo2Config(BaseConfig):
             num_kv_heads=self.kv_heads,
             head_dim=self.hidden_size // self.num_attention_heads,
             norm=norm,
-            norms="post",
+            block=PostNorm(),
             qk_norm="full",
             layer_windows=(None,) * self.num_hidden_layers,
             rope=self.rope_spec(),

@@ -10,7 +10,7 @@ Checkpoint names: `model.final_layernorm`, `self_attn.dense`, `mlp.fc1`/`mlp.fc2
 import dataclasses
 from typing import ClassVar
 
-from ..nn import RopeScaling
+from ..nn import Parallel, RopeScaling
 from ..params import KeyMap
 from ._builder import DecoderSpec, NormSpec
 from ._config import BaseConfig, ConfigError
@@ -71,8 +71,7 @@ class PhiConfig(BaseConfig):
             layer_windows=(None,) * self.num_hidden_layers,
             qk_norm="head" if self.qk_layernorm else None,
             qk_norm_spec=norm,
-            parallel=True,
-            parallel_norms=1,
+            block=Parallel(norms=1),
             rope=self.rope_spec(fraction=self.partial_rotary_factor),
             qkv_bias=True,
             o_bias=True,

@@ -11,7 +11,7 @@
 | `_masks.py` | `causal_mask`, `sliding_window_mask`, `padding_mask`, `attention_mask` |
 | `_kv_cache.py` | `KVCache` (one layer), `SlotTable` (one attention kind), `Cache` (a model's) |
 | `_attention.py` | `dot_product_attention`, `AttentionFrame`, `attention_frames`, `Attention` |
-| `_decoder.py` | `DecoderLayer` (sequential or parallel residual, any norm placement) |
+| `_decoder.py` | `SequentialLayer`, `NormResidualLayer`, `ParallelLayer`; their block layouts `PreNorm`, `Sandwich`, ... |
 | `_stack.py` | `LayerStack` (scanned layers), `run_layers`, `plan_segments` |
 | `_moe.py` | `SparseMoE` (router, stacked experts, gather / grouped / dense dispatch), `route` |
 | `_kinds.py` | `AbstractSequenceWise`, `AbstractTokenAxes`, `AbstractTransparent`, `AbstractStacked`, `AbstractTapped` |
@@ -22,7 +22,19 @@
 from ._activations import ACTIVATIONS, bloom_gelu, gelu_exact, gelu_fast, gelu_new, gelu_tanh
 from ._alibi import ALiBi, alibi_slopes
 from ._attention import Attention, AttentionFrame, attention_frames, dot_product_attention
-from ._decoder import DecoderLayer, feed_forward
+from ._decoder import (
+    AbstractBlock,
+    AbstractDecoderLayer,
+    NormResidual,
+    NormResidualLayer,
+    Parallel,
+    ParallelLayer,
+    PostNorm,
+    PreNorm,
+    Sandwich,
+    SequentialLayer,
+    feed_forward,
+)
 from ._kinds import AbstractSequenceWise, AbstractStacked, AbstractTapped, AbstractTokenAxes, AbstractTransparent
 from ._kv_cache import Cache, CacheWrite, KVCache, SlotTable
 from ._linear import einsum, linear, make_linear, matmul, project
@@ -49,6 +61,8 @@ from ._taps import tap
 __all__ = [
     "ACTIVATIONS",
     "ALiBi",
+    "AbstractBlock",
+    "AbstractDecoderLayer",
     "AbstractPositionScheme",
     "AbstractSequenceWise",
     "AbstractStacked",
@@ -59,22 +73,29 @@ __all__ = [
     "AttentionFrame",
     "Cache",
     "CacheWrite",
-    "DecoderLayer",
     "GatedMLP",
     "KVCache",
     "LayerNorm",
     "LayerStack",
-    "MLP",
-    "RMSNorm",
     "LinearScaling",
     "Llama3Scaling",
     "LongRopeScaling",
+    "MLP",
+    "NormResidual",
+    "NormResidualLayer",
+    "Parallel",
+    "ParallelLayer",
+    "PostNorm",
+    "PreNorm",
+    "RMSNorm",
     "ROPE_TYPES",
     "RopeScaling",
     "RotaryEmbedding",
-    "YarnScaling",
+    "Sandwich",
+    "SequentialLayer",
     "SlotTable",
     "SparseMoE",
+    "YarnScaling",
     "alibi_slopes",
     "attention_frames",
     "attention_mask",
