@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .generation import SamplingConfig, bucket_length, generate
+from .models._contract import architecture_name
 from .tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's `hf` default when neither config nor tokenizer says
@@ -325,7 +326,7 @@ class EqxlmLM(TemplateLM):
         return self.tokenizer.encode(context, add_special_tokens=special)[-keep:]
 
     def get_model_info(self) -> dict:
-        return {"model": type(self.model).__name__, "pretrained": self.pretrained, "max_length": self.max_length}
+        return {"model": architecture_name(self.model), "pretrained": self.pretrained, "max_length": self.max_length}
 
 
 def evaluate(args) -> int:

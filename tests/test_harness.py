@@ -220,6 +220,12 @@ def _greedy(model, ids: list[int], n: int) -> list[int]:
     return ids
 
 
+def test_model_info_names_the_architecture(default_lm):
+    """lm-eval writes `get_model_info` into its results: the family's architecture, as the
+    banner and `repr` show it, not the builder's class."""
+    assert default_lm.get_model_info()["model"] == "MistralForCausalLM"
+
+
 def test_is_greedy_position_by_position(default_lm):
     """Token requests (`_loglikelihood_tokens`, batched 4 to a call with left padding) against a
     hand-computed argmax of each alone: the model's greedy continuation is greedy; one token off
